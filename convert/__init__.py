@@ -1,0 +1,1 @@
+"""Mistral Small 4 checkpoints (Hugging Face or Mistral layout, BF16 or FP8) → GGUF."""

@@ -1,0 +1,172 @@
+"""Checkpoint → GGUF, streamed: header first, then each tensor piece by piece.
+
+The output is written under a temporary name beside the target and renamed
+only when complete, so an interrupted or failed conversion never leaves a file
+that looks like a valid model.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import gguf
+import numpy as np
+
+from convert.checkpoint import Checkpoint, open_checkpoint
+from convert.config import TextConfig
+from convert.errors import ConversionError
+from convert.mistral4 import PlannedTensor, plan_tensors
+from convert.vocab import add_vocabulary
+from quant.recipes import choose_type, encode, resolve_recipe, stored_nbytes
+
+ARCH = "mistral4"
+
+
+class Progress(Protocol):
+    """Told the totals once, then each written piece (source bytes it consumed)."""
+
+    def start(self, total_bytes: int, total_tensors: int) -> None: ...
+
+    def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None: ...
+
+
+class _Silent:
+    def start(self, total_bytes: int, total_tensors: int) -> None:
+        pass
+
+    def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None:
+        pass
+
+
+@dataclass
+class ConversionReport:
+    output: Path
+    layout: str
+    tensors: int
+    source_bytes: int
+    output_bytes: int
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def temporary_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.{os.getpid()}.partial")
+
+
+def check_output_path(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise ConversionError(f"{output} already exists (use --force to overwrite)")
+    if not output.parent.is_dir():
+        raise ConversionError(f"output directory {output.parent} does not exist")
+
+
+def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, force: bool = False,
+                       progress: Progress | None = None) -> ConversionReport:
+    """Convert a Mistral Small 4 checkpoint directory (either layout) to a GGUF file."""
+    output = Path(output)
+    check_output_path(output, force)
+    recipe_type, file_type = resolve_recipe(recipe)
+    ckpt = open_checkpoint(Path(source))
+    try:
+        planned = plan_tensors(ckpt)
+        total_source = sum(t.source_bytes for t in planned)
+        temporary = temporary_path(output)
+        try:
+            report = _write(ckpt, planned, temporary, recipe_type, file_type, progress or _Silent())
+            os.replace(temporary, output)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ConversionError(f"no space left on device while writing {output}") from None
+            raise ConversionError(f"cannot write {output}: {exc.strerror or exc}") from None
+        finally:
+            temporary.unlink(missing_ok=True)
+    finally:
+        ckpt.close()
+    report.output, report.source_bytes = output, total_source
+    return report
+
+
+def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_type: gguf.GGMLQuantizationType,
+           file_type: gguf.LlamaFileType, progress: Progress) -> ConversionReport:
+    writer = gguf.GGUFWriter(path, ARCH)
+    add_metadata(writer, ckpt.config, ckpt.path.name, file_type)
+    add_vocabulary(writer, ckpt.path)
+    choices = {t.name: choose_type(recipe_type, t.role, t.shape) for t in planned}
+    for tensor in planned:
+        qtype = choices[tensor.name].qtype
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), stored_nbytes(tensor.shape, qtype),
+                               raw_dtype=qtype)
+    progress.start(sum(t.source_bytes for t in planned), len(planned))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    out = writer.fout[0]
+    output_bytes = 0
+    for tensor in planned:
+        qtype = choices[tensor.name].qtype
+        out.write(b"\0" * (-out.tell() % writer.data_alignment))
+        written, rows = 0, 0
+        for piece in tensor.pieces():
+            data = encode(piece, qtype)
+            data.tofile(out)
+            written += data.nbytes
+            rows += piece.shape[0]
+            progress.advance(tensor.source_bytes * piece.shape[0] // tensor.shape[0], tensor.name,
+                             rows == tensor.shape[0])
+        if rows != tensor.shape[0] or written != stored_nbytes(tensor.shape, qtype):
+            raise ConversionError(f"internal error: {tensor.name} produced {written} bytes for {tensor.shape}")
+        output_bytes += written
+    out.write(b"\0" * (-out.tell() % writer.data_alignment))
+    out.flush()
+    os.fsync(out.fileno())
+    writer.close()
+    fallbacks = [f"{name}: {c.fallback_from.name} → {c.qtype.name} (row size not a multiple of the block)"
+                 for name, c in choices.items() if c.fallback_from is not None]
+    return ConversionReport(path, ckpt.layout, len(planned), 0, output_bytes, fallbacks)
+
+
+def add_metadata(writer: gguf.GGUFWriter, cfg: TextConfig, name: str, file_type: gguf.LlamaFileType) -> None:
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.dense_ff)
+    writer.add_head_count(cfg.n_heads)
+    # MLA runs as multi-query attention over the shared latent.
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_leading_dense_block_count(cfg.first_dense_layers)
+    writer.add_q_lora_rank(cfg.q_lora_rank)
+    writer.add_kv_lora_rank(cfg.kv_lora_rank)
+    writer.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    writer.add_value_length(cfg.kv_lora_rank)
+    writer.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    writer.add_value_length_mla(cfg.v_head_dim)
+    writer.add_expert_feed_forward_length(cfg.expert_ff)
+    writer.add_expert_count(cfg.n_experts)
+    writer.add_expert_used_count(cfg.n_experts_used)
+    writer.add_expert_shared_count(cfg.n_shared_experts)
+    writer.add_expert_weights_scale(cfg.routed_scaling_factor)
+    writer.add_expert_weights_norm(cfg.norm_topk_prob)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    writer.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    if cfg.yarn_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(cfg.yarn_factor)
+        writer.add_rope_scaling_orig_ctx_len(cfg.yarn_original_context)
+        if cfg.yarn_beta_fast is not None:
+            writer.add_rope_scaling_yarn_beta_fast(cfg.yarn_beta_fast)
+        if cfg.yarn_beta_slow is not None:
+            writer.add_rope_scaling_yarn_beta_slow(cfg.yarn_beta_slow)
+        if cfg.yarn_mscale_all_dim is not None:
+            # llama.cpp's deepseek2 loader divides this key by 0.1 (a legacy convention).
+            writer.add_rope_scaling_yarn_log_mul(0.1 * cfg.yarn_mscale_all_dim)
+    if cfg.attn_temperature_beta is not None and cfg.attn_temperature_length:
+        writer.add_attn_temperature_scale(cfg.attn_temperature_beta)
+        writer.add_attn_temperature_length(cfg.attn_temperature_length)

@@ -1,0 +1,1 @@
+"""Output types and (later) quantization recipes for GGUF tensors."""

@@ -1,0 +1,180 @@
+"""The `smallfour` command line: thin verbs over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+
+from convert.errors import ConversionError
+from smallfour.errors import SmallfourError
+
+app = typer.Typer(
+    help="Run Mistral Small 4 locally: convert released weights to GGUF and run them with llama.cpp.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+VERBOSE = typer.Option(False, "-v", "--verbose", help="Show llama.cpp's own log on stderr.")
+
+
+def reports_errors(command):
+    """Turn our errors into one red line on stderr and exit code 1; Ctrl-C into exit code 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (SmallfourError, ConversionError) as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class ConversionProgress:
+    """Rich bars for bytes read and tensors written."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def start(self, total_bytes: int, total_tensors: int) -> None:
+        self.bytes_task = self.progress.add_task("reading", total=total_bytes)
+        self.tensor_task = self.progress.add_task("tensors", total=total_tensors)
+
+    def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None:
+        self.progress.update(self.bytes_task, advance=source_bytes, description=tensor)
+        if tensor_done:
+            self.progress.update(self.tensor_task, advance=1)
+
+
+def _progress_bars() -> Progress:
+    return Progress(TextColumn("{task.description:<34}"), BarColumn(), DownloadColumn(), MofNCompleteColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False)
+
+
+@app.command()
+@reports_errors
+def convert(
+    source: Path = typer.Argument(..., help="Checkpoint directory: Hugging Face layout (config.json) "
+                                           "or Mistral layout (params.json), BF16 or FP8."),
+    output: Path = typer.Option(..., "-o", "--output", help="GGUF file to write."),
+    recipe: str = typer.Option("bf16", "--recipe", help="Output type: f32, f16, bf16 or q8_0."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Convert a released checkpoint to a GGUF file llama.cpp can run."""
+    from convert.writer import convert_checkpoint
+
+    with _progress_bars() as bars:
+        report = convert_checkpoint(source, output, recipe, force=force, progress=ConversionProgress(bars))
+    for line in report.fallbacks:
+        err.print(f"[yellow]fallback[/] {line}", highlight=False)
+    err.print(f"wrote {report.output} ({report.tensors} tensors, {report.output_bytes / 1e6:.1f} MB of weights "
+              f"from {report.source_bytes / 1e6:.1f} MB, {report.layout} layout)", highlight=False)
+
+
+@app.command()
+@reports_errors
+def inspect(
+    model: Path = typer.Argument(..., help="GGUF file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Show a GGUF's architecture, hyper-parameters, tokenizer and tensors grouped by role."""
+    from smallfour.inspect import describe
+
+    info = describe(model)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    out.print(f"[bold]{info['file']}[/]  {info['architecture']}  {info['file_bytes'] / 1e6:.1f} MB")
+    hyper = Table("hyper-parameter", "value", title="Hyper-parameters", title_justify="left")
+    for key, value in info["hyperparameters"].items():
+        hyper.add_row(key, str(value))
+    out.print(hyper)
+    tok = info["tokenizer"]
+    out.print(f"tokenizer: {tok.get('model')} / {tok.get('pre')}, {tok.get('tokens')} tokens, "
+              f"bos {tok.get('bos_token_id')}, eos {tok.get('eos_token_id')}; chat template: "
+              f"{'yes' if info['chat_template'] else 'no'}")
+    roles = Table("role", "type", "tensors", "parameters", "bytes", "bits/weight", title="Tensors by role",
+                  title_justify="left")
+    for row in info["roles"]:
+        roles.add_row(row["role"], row["type"], str(row["count"]), f"{row['parameters']:,}", f"{row['bytes']:,}",
+                      f"{row['bits_per_weight']:.2f}")
+    total = info["tensors"]
+    roles.add_row("total", "", str(total["count"]), f"{total['parameters']:,}", f"{total['bytes']:,}",
+                  f"{total['bits_per_weight']:.2f}", style="bold")
+    out.print(roles)
+
+
+@app.command()
+@reports_errors
+def run(
+    model: Path = typer.Argument(..., help="GGUF file."),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The user message; read from stdin if omitted."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable output."),
+    ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: content, reasoning_content, "
+                                                        "usage, timings."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Render and tokenize the prompt, generate nothing."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Answer one prompt, streaming the reply to stdout."""
+    from smallfour.generate import one_shot, render_prompt
+
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise SmallfourError("no prompt: pass -p TEXT or pipe it on stdin")
+        prompt = sys.stdin.read()
+    if dry_run:
+        text, tokens = render_prompt(model, prompt, verbose=verbose)
+        print(json.dumps({"prompt": text, "tokens": tokens}) if as_json else text)
+        return
+    stream = None if as_json else (lambda channel, text: _stream(channel, text))
+    result = one_shot(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      n_ctx=ctx, verbose=verbose, on_text=stream)
+    if as_json:
+        print(json.dumps(result.as_json(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+
+
+def _stream(channel: str, text: str) -> None:
+    # Thinking goes to stderr, dimmed, so stdout carries only the answer.
+    if channel == "reasoning":
+        err.print(text, style="dim", end="", highlight=False, markup=False)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+@app.command()
+@reports_errors
+def demo(
+    prompt: str = typer.Option("Write one sentence about the Alps.", "-p", "--prompt", help="Prompt to run."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Build the tiny built-in Mistral Small 4 model, convert it, and run one prompt on it."""
+    from smallfour.demo import run_demo
+
+    run_demo(prompt, verbose=verbose, console=err, progress=ConversionProgress)
+
+
+def main() -> None:
+    app()

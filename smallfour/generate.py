@@ -1,0 +1,31 @@
+"""One-shot generation: a user prompt through the model's chat template into llama.cpp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from smallfour.prompts import render_chat, user_turn
+from smallfour.runtime import GenerationResult, chat_template, generate, load_model, tokenize_prompt
+
+
+def render_prompt(model: Path, prompt: str, *, verbose: bool = False) -> tuple[str, list[int]]:
+    """The prompt text the template renders for one user turn, and its token ids."""
+    llm = load_model(model, n_ctx=256, verbose=verbose)
+    text = render_chat(chat_template(llm), user_turn(prompt))
+    return text, tokenize_prompt(llm, text)
+
+
+def one_shot(model: Path, prompt: str, *, max_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.95,
+             seed: int | None = None, n_ctx: int = 4096, verbose: bool = False,
+             on_text: Callable[[str, str], None] | None = None) -> GenerationResult:
+    llm = load_model(model, n_ctx=n_ctx, seed=seed, verbose=verbose)
+    tokens = tokenize_prompt(llm, render_chat(chat_template(llm), user_turn(prompt)))
+    pieces = generate(llm, tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    while True:
+        try:
+            channel, text = next(pieces)
+        except StopIteration as finished:
+            return finished.value
+        if on_text is not None:
+            on_text(channel, text)
