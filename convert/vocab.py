@@ -42,24 +42,23 @@ def add_vocabulary(writer: gguf.GGUFWriter, checkpoint_dir: Path) -> MistralVoca
     writer.add_pad_token_id(vocab.pad_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(chat_template(checkpoint_dir, vocab))
+    writer.add_chat_template(chat_template(checkpoint_dir))
     return vocab
 
 
-def chat_template(checkpoint_dir: Path, vocab: MistralVocab) -> str:
+def chat_template(checkpoint_dir: Path, vocab: MistralVocab | None = None) -> str:
     shipped = checkpoint_dir / "chat_template.jinja"
     if shipped.is_file():
         return shipped.read_text(encoding="utf-8")
-    return generated_chat_template(vocab.tokenizer.version)
+    return generated_chat_template(checkpoint_dir / "tekken.json")
 
 
-def generated_chat_template(version) -> str:
-    """mistral-common's own template for a tokenizer version, with images, thinking and effort."""
-    from mistral_common.integrations.chat_templates.template_generator import TemplateConfig, build_chat_template
-    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+def generated_chat_template(tekken_path: Path) -> str:
+    """mistral-common's template for this tokenizer: its version, images, thinking, model settings."""
+    from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
 
-    thinking = version >= TokenizerVersion.v13
-    settings = {}
-    if version.supports_model_settings:
-        settings = {"reasoning_effort_values": ("none", "high"), "reasoning_effort_default": "none"}
-    return build_chat_template(TemplateConfig(version=version, image_support=True, thinking_support=thinking, **settings))
+    try:
+        return convert_tokenizer_to_chat_template(tekken_path, use_special_token_variables=False,
+                                                  plain_thinking_support=False)
+    except ValueError as exc:
+        raise ConversionError(f"cannot derive a chat template from {tekken_path.name}: {exc}") from None
