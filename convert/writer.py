@@ -111,7 +111,8 @@ def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_ty
         written, rows = 0, 0
         for piece in tensor.pieces():
             data = encode(piece, qtype)
-            data.tofile(out)
+            # file.write (unlike ndarray.tofile) reports a full disk as errno ENOSPC.
+            out.write(data.data)
             written += data.nbytes
             rows += piece.shape[0]
             progress.advance(tensor.source_bytes * piece.shape[0] // tensor.shape[0], tensor.name,

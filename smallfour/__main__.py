@@ -1,0 +1,3 @@
+from smallfour.cli import main
+
+main()

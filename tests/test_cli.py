@@ -1,0 +1,105 @@
+"""The CLI contract: inspect, run (one-shot, dry run, JSON, stdin), verbose logging, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mistral_common.protocol.instruct.messages import UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from conftest import DENSE_SHARED, HF
+from test_convert_errors import SMALLFOUR, assert_one_line_error, run_cli
+
+
+def test_inspect_json_groups_tensors_by_role(converted):
+    spec = DENSE_SHARED
+    info = json.loads(run_cli("inspect", converted(spec, "q8_0"), "--json").stdout)
+    assert info["architecture"] == "mistral4"
+    assert info["chat_template"] is True
+    assert info["tokenizer"]["tokens"] == spec.vocab_size
+    hyper = info["hyperparameters"]
+    assert hyper["expert_count"] == spec.n_experts and hyper["expert_shared_count"] == spec.n_shared_experts
+    assert hyper["leading_dense_block_count"] == spec.first_dense_layers
+    roles = {(r["role"], r["type"]): r for r in info["roles"]}
+    moe_layers = spec.n_layers - spec.first_dense_layers
+    experts = roles[("routed_experts", "Q8_0")]
+    assert experts["count"] == 2 * moe_layers
+    assert experts["parameters"] == moe_layers * spec.n_experts * 3 * spec.expert_ff * spec.hidden_size
+    assert experts["bits_per_weight"] == 8.5
+    assert roles[("router", "F32")]["count"] == moe_layers
+    assert roles[("dense_ffn", "Q8_0")]["count"] == 3 * spec.first_dense_layers
+    assert roles[("shared_expert", "Q8_0")]["parameters"] == \
+        moe_layers * 3 * spec.expert_ff * spec.n_shared_experts * spec.hidden_size
+    assert sum(r["bytes"] for r in info["roles"]) == info["tensors"]["bytes"]
+
+
+def test_inspect_table(converted):
+    result = run_cli("inspect", converted(HF, "f32"))
+    assert result.returncode == 0, result.stderr
+    for word in ("mistral4", "routed_experts", "shared_expert", "router", "embeddings", "chat template: yes"):
+        assert word in result.stdout
+
+
+@pytest.mark.parametrize("prompt", ["Hello", "Write a haiku about\nthe Mont Blanc, in French. ✨", "  spaces, digits 12345 "])
+def test_dry_run_matches_mistral_common(converted, checkpoint, prompt):
+    result = run_cli("run", converted(HF, "f32"), "-p", prompt, "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    tokenizer = MistralTokenizer.from_file(str(checkpoint(HF) / "tekken.json"))
+    expected = tokenizer.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=prompt)]))
+    assert got["tokens"] == expected.tokens
+    assert got["prompt"] == tokenizer.decode(expected.tokens, special_token_policy="keep")
+
+
+def test_run_json_is_deterministic_with_seed(converted):
+    args = ("run", converted(HF, "q8_0"), "-p", "Bonjour", "-n", "12", "--seed", "7", "--temperature", "0.8", "--json")
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["content"] == b["content"] and a["content"]
+    assert a["usage"]["completion_tokens"] == 12 and a["finish_reason"] == "length"
+    assert a["usage"]["prompt_tokens"] > 5
+    assert set(a["timings"]) >= {"prompt_ms", "prompt_per_second", "predicted_ms", "predicted_per_second"}
+    assert a["reasoning_content"] == ""
+
+
+def test_run_streams_plain_text_and_reads_stdin(converted):
+    model = converted(HF, "q8_0")
+    piped = subprocess.run([*SMALLFOUR, "run", str(model), "-n", "8", "--temperature", "0"], input="Salut",
+                           capture_output=True, text=True, timeout=120)
+    flag = run_cli("run", model, "-p", "Salut", "-n", "8", "--temperature", "0")
+    assert piped.returncode == 0 and flag.returncode == 0, piped.stderr + flag.stderr
+    assert piped.stdout == flag.stdout and piped.stdout.strip()
+
+
+def test_verbose_shows_llama_log_and_quiet_hides_it(converted):
+    model = converted(HF, "q8_0")
+    quiet = run_cli("run", model, "-p", "x", "-n", "2")
+    loud = run_cli("run", model, "-p", "x", "-n", "2", "-v")
+    assert quiet.returncode == 0 and loud.returncode == 0
+    assert "llama_model_loader" in loud.stderr
+    assert "llama" not in quiet.stderr and quiet.stderr.strip() == ""
+
+
+def test_run_errors(tmp_path):
+    assert_one_line_error(run_cli("run", tmp_path / "missing.gguf", "-p", "x"), "does not exist")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert_one_line_error(run_cli("run", junk, "-p", "x"), "is not a GGUF file")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\0" * 64)
+    assert_one_line_error(run_cli("run", truncated, "-p", "x"), "could not load")
+
+
+def test_demo_runs_end_to_end(checkpoint):
+    checkpoint(HF)  # shares the session's cached fixture
+    result = subprocess.run([*SMALLFOUR, "demo"], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr
+    assert "converted to GGUF (q8_0)" in result.stderr and "running through llama.cpp" in result.stderr
+    assert result.stdout.strip()
