@@ -41,12 +41,23 @@ class Checkpoint:
         entry = self._entry(name)[1].entries[name]
         return entry.end - entry.begin
 
-    def read(self, name: str, index: int | None = None) -> np.ndarray:
-        """Tensor `name` (or its slice `[index]`) as float32, FP8 dequantized."""
+    def is_fp8(self, name: str) -> bool:
+        return self._entry(name)[1].entries[name].dtype == "F8_E4M3"
+
+    def read(self, name: str, index: int | None = None, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name`, its expert `[index]` or its `rows`, as float32 with FP8 dequantized.
+
+        Row slices are for unquantized tensors (FP8 scales are laid out per block of rows).
+        """
         _, file = self._entry(name)
-        values = file.read(name, index)
+        if index is not None:
+            values = file.read(name, slice(index, index + 1))[0]
+        else:
+            values = file.read(name, rows)
         scale_name = self._scale_name(name)
         if scale_name is not None:
+            if rows is not None:
+                raise ConversionError(f"internal error: row slice of FP8 tensor {name!r}")
             values = self._dequantize(name, values, scale_name, index)
         if not np.isfinite(values).all():
             where = name if index is None else f"{name}[{index}]"
@@ -65,7 +76,7 @@ class Checkpoint:
         return file_name, self.files[file_name]
 
     def _scale_name(self, name: str) -> str | None:
-        if self.files[self.tensor_file[name]].entries[name].dtype != "F8_E4M3":
+        if not self.is_fp8(name):
             return None
         if self.layout == "native":
             candidates = [name.removesuffix(".weight") + ".qscale_weight"]

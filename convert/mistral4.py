@@ -28,6 +28,10 @@ ROLE_SHARED_EXPERT = "shared_expert"
 ROLE_ROUTED_EXPERTS = "routed_experts"
 ROLE_DENSE_FFN = "dense_ffn"
 
+# Unquantized 2-D tensors bigger than this are streamed in row chunks (the real
+# embedding and output matrices are 131072×4096: 2 GB each in float32).
+CHUNK_ELEMENTS = 8 * 1024 * 1024
+
 ROLES = (ROLE_EMBEDDINGS, ROLE_ATTENTION, ROLE_ROUTER, ROLE_SHARED_EXPERT, ROLE_ROUTED_EXPERTS,
          ROLE_DENSE_FFN, ROLE_NORM, ROLE_OUTPUT)
 
@@ -170,7 +174,7 @@ def plan_tensors(ckpt: Checkpoint) -> list[PlannedTensor]:
         source = names(key, layer)
         check(key, source, layer, expected)
         planned.append(PlannedTensor(gguf_name, expected, ROLE_OF[key], layer, ckpt.nbytes(source),
-                                     lambda source=source: iter([ckpt.read(source)])))
+                                     lambda source=source: _row_chunks(ckpt, source, expected)))
 
     whole("token_embd", None, (cfg.vocab_size, cfg.hidden_size), "token_embd.weight")
     for i in range(cfg.n_layers):
@@ -193,6 +197,15 @@ def plan_tensors(ckpt: Checkpoint) -> list[PlannedTensor]:
     if not cfg.tie_embeddings:
         whole("output", None, (cfg.vocab_size, cfg.hidden_size), "output.weight")
     return planned
+
+
+def _row_chunks(ckpt: Checkpoint, source: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    if len(shape) < 2 or ckpt.is_fp8(source) or np.prod(shape) <= CHUNK_ELEMENTS:
+        yield ckpt.read(source)
+        return
+    step = max(1, CHUNK_ELEMENTS // int(np.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        yield ckpt.read(source, rows=slice(start, min(start + step, shape[0])))
 
 
 def _source_names(ckpt: Checkpoint) -> Callable[..., str]:

@@ -89,20 +89,20 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def raw(self, name: str, index: int | None = None) -> np.ndarray:
-        """The stored bytes of a tensor (or of `tensor[index]`), as a uint8 view of the mapping."""
+    def raw(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The stored bytes of a tensor (or of `tensor[rows]`), as a uint8 view of the mapping."""
         entry = self.entries[name]
         begin, end = entry.begin, entry.end
-        if index is not None:
+        if rows is not None:
             step = (end - begin) // entry.shape[0]
-            begin, end = begin + index * step, begin + (index + 1) * step
+            begin, end = begin + rows.start * step, begin + rows.stop * step
         return np.frombuffer(self._map, dtype=np.uint8, count=end - begin, offset=self._data_start + begin)
 
-    def read(self, name: str, index: int | None = None) -> np.ndarray:
-        """A tensor (or `tensor[index]` of a stacked one) decoded to float32."""
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """A tensor (or `tensor[rows]`, a slice along its first axis) decoded to float32."""
         entry = self.entries[name]
-        shape = entry.shape if index is None else entry.shape[1:]
-        return to_float32(self.raw(name, index), entry.dtype).reshape(shape)
+        shape = entry.shape if rows is None else (rows.stop - rows.start, *entry.shape[1:])
+        return to_float32(self.raw(name, rows), entry.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._map is not None:
