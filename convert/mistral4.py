@@ -161,18 +161,9 @@ def plan_tensors(ckpt: Checkpoint) -> list[PlannedTensor]:
     names = _source_names(ckpt)
     planned: list[PlannedTensor] = []
 
-    def check(key: str, source: str, layer: int | None, expected: tuple[int, ...]) -> None:
-        actual = ckpt.shape(source)
-        if actual != expected:
-            where = f"layer {layer} " if layer is not None else ""
-            raise ConversionError(
-                f"config does not match tensors: {where}{source} has shape {list(actual)}, "
-                f"the config implies {list(expected)}"
-            )
-
     def whole(key: str, layer: int | None, expected: tuple[int, ...], gguf_name: str) -> None:
         source = names(key, layer)
-        check(key, source, layer, expected)
+        _check_shape(ckpt, source, expected)
         planned.append(PlannedTensor(gguf_name, expected, ROLE_OF[key], layer, ckpt.nbytes(source),
                                      lambda source=source: _row_chunks(ckpt, source, expected)))
 
@@ -197,6 +188,13 @@ def plan_tensors(ckpt: Checkpoint) -> list[PlannedTensor]:
     if not cfg.tie_embeddings:
         whole("output", None, (cfg.vocab_size, cfg.hidden_size), "output.weight")
     return planned
+
+
+def _check_shape(ckpt: Checkpoint, source: str, expected: tuple[int, ...]) -> None:
+    actual = ckpt.shape(source)
+    if actual != expected:
+        raise ConversionError(f"config does not match tensors: {source} has shape {list(actual)}, "
+                              f"the config implies {list(expected)}")
 
 
 def _row_chunks(ckpt: Checkpoint, source: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
@@ -225,10 +223,7 @@ def _source_names(ckpt: Checkpoint) -> Callable[..., str]:
 def _split_kv_b(ckpt: Checkpoint, cfg: TextConfig, layer: int, source: str,
                 expected: tuple[int, ...]) -> list[PlannedTensor]:
     """MLA's kv_b_proj becomes k_b (transposed per head, for weight absorption) and v_b."""
-    actual = ckpt.shape(source)
-    if actual != expected:
-        raise ConversionError(f"config does not match tensors: {source} has shape {list(actual)}, "
-                              f"the config implies {list(expected)}")
+    _check_shape(ckpt, source, expected)
     heads, nope, v, rank = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
 
     def per_head() -> np.ndarray:
@@ -250,10 +245,8 @@ def _experts(ckpt: Checkpoint, cfg: TextConfig, layer: int, names: Callable[...,
     gate_up_shape, down_shape = shapes["ffn_gate_up_exps"], shapes["ffn_down_exps"]
     if ckpt.layout == "hf":
         gate_up, down = names("ffn_gate_up_exps", layer), names("ffn_down_exps", layer)
-        for source, expected in ((gate_up, gate_up_shape), (down, down_shape)):
-            if ckpt.shape(source) != expected:
-                raise ConversionError(f"config does not match tensors: {source} has shape "
-                                      f"{list(ckpt.shape(source))}, the config implies {list(expected)}")
+        _check_shape(ckpt, gate_up, gate_up_shape)
+        _check_shape(ckpt, down, down_shape)
         gate_up_pieces = lambda: (ckpt.read(gate_up, e)[None] for e in range(n))  # noqa: E731
         down_pieces = lambda: (ckpt.read(down, e)[None] for e in range(n))  # noqa: E731
         gate_up_bytes, down_bytes = ckpt.nbytes(gate_up), ckpt.nbytes(down)
@@ -261,9 +254,7 @@ def _experts(ckpt: Checkpoint, cfg: TextConfig, layer: int, names: Callable[...,
         source = {key: [names(key, layer, e) for e in range(n)] for key in ("expert_gate", "expert_up", "expert_down")}
         for key, sources in source.items():
             for name in sources:
-                if ckpt.shape(name) != shapes[key]:
-                    raise ConversionError(f"config does not match tensors: {name} has shape "
-                                          f"{list(ckpt.shape(name))}, the config implies {list(shapes[key])}")
+                _check_shape(ckpt, name, shapes[key])
         gate_up_pieces = lambda: (  # noqa: E731
             np.concatenate([ckpt.read(g), ckpt.read(u)])[None]
             for g, u in zip(source["expert_gate"], source["expert_up"])
