@@ -14,15 +14,15 @@ from rich.console import Console
 from rich.progress import Progress
 
 from convert.writer import convert_checkpoint
-from smallfour.fixtures.checkpoint import DEFAULT_SPEC, build_fixture, default_cache_dir
+from smallfour.fixtures.checkpoint import DEMO_SPEC, build_fixture, default_cache_dir
 from smallfour.generate import one_shot
 
 
 def run_demo(prompt: str, *, verbose: bool, console: Console, progress) -> Path:
     started = time.perf_counter()
-    checkpoint = build_fixture(DEFAULT_SPEC)
-    console.print(f"1. tiny Mistral Small 4 checkpoint ({DEFAULT_SPEC.n_layers} layers, {DEFAULT_SPEC.n_experts} "
-                  f"experts, Tekken v15 vocabulary): {checkpoint}", highlight=False)
+    checkpoint = build_fixture(DEMO_SPEC)
+    console.print(f"1. tiny Mistral Small 4 checkpoint in Mistral's layout ({DEMO_SPEC.n_layers} layers, "
+                  f"{DEMO_SPEC.n_experts} experts, Tekken v15 vocabulary): {checkpoint}", highlight=False)
     gguf_path = default_cache_dir() / f"{checkpoint.name}-q8_0.gguf"
     if not gguf_path.exists():
         with Progress(console=console, transient=True) as bars:

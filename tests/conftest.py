@@ -20,6 +20,8 @@ FP8_EXPERT = FixtureSpec(fp8="expert")
 FP8_BLOCK = FixtureSpec(fp8="block")
 NATIVE_FP8 = FixtureSpec(layout="native", fp8="tensor")
 DENSE_SHARED = FixtureSpec(first_dense_layers=1, n_shared_experts=2, n_layers=3)
+# Positions up to 40 run far past an original context of 8: YaRN and llama-4 query scaling at work.
+SHORT_ROPE = FixtureSpec(rope_original_context=8)
 
 
 @pytest.fixture(scope="session")

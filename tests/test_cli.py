@@ -13,7 +13,7 @@ from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from conftest import DENSE_SHARED, HF
+from conftest import DENSE_SHARED, HF, NATIVE
 from test_convert_errors import SMALLFOUR, assert_one_line_error, run_cli
 
 
@@ -98,7 +98,7 @@ def test_run_errors(tmp_path):
 
 
 def test_demo_runs_end_to_end(checkpoint):
-    checkpoint(HF)  # shares the session's cached fixture
+    checkpoint(NATIVE)  # the demo's fixture, shared with the session's cache
     result = subprocess.run([*SMALLFOUR, "demo"], capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert result.returncode == 0, result.stderr
     assert "converted to GGUF (q8_0)" in result.stderr and "running through llama.cpp" in result.stderr

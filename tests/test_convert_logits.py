@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import DENSE_SHARED, FP8_BLOCK, FP8_EXPERT, FP8_TENSOR, HF, NATIVE, NATIVE_FP8
+from conftest import DENSE_SHARED, FP8_BLOCK, FP8_EXPERT, FP8_TENSOR, HF, NATIVE, NATIVE_FP8, SHORT_ROPE
 from reference import reference_logits, reference_model
 from smallfour.runtime import load_model
 
@@ -46,7 +46,8 @@ def hf_twin(spec):
     return dataclasses.replace(spec, layout="hf")
 
 
-@pytest.mark.parametrize("spec", [HF, NATIVE, FP8_TENSOR, FP8_EXPERT, FP8_BLOCK, NATIVE_FP8, DENSE_SHARED],
+@pytest.mark.parametrize("spec", [HF, NATIVE, FP8_TENSOR, FP8_EXPERT, FP8_BLOCK, NATIVE_FP8, DENSE_SHARED,
+                                  SHORT_ROPE, dataclasses.replace(SHORT_ROPE, layout="native")],
                          ids=lambda s: s.name)
 def test_f32_logits_match_transformers(spec, checkpoint, converted, tmp_path_factory):
     model = reference_model(checkpoint(hf_twin(spec)), tmp_path_factory.getbasetemp())
