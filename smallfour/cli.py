@@ -176,5 +176,8 @@ def demo(
     run_demo(prompt, verbose=verbose, console=err, progress=ConversionProgress)
 
 
+# Commands defined in their own modules register here, one line each.
+
+
 def main() -> None:
     app()
