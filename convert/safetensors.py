@@ -84,6 +84,7 @@ class SafetensorsFile:
         size = os.fstat(self._file.fileno()).st_size
         self.entries, self.metadata, data_start = _parse_header(self._file, size, path)
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._map_address = np.frombuffer(self._map, dtype=np.uint8, count=1).__array_interface__["data"][0] if size else 0
         self._data_start = data_start
 
     def keys(self) -> list[str]:
@@ -99,10 +100,24 @@ class SafetensorsFile:
         return np.frombuffer(self._map, dtype=np.uint8, count=end - begin, offset=self._data_start + begin)
 
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """A tensor (or `tensor[rows]`, a slice along its first axis) decoded to float32."""
+        """A tensor (or `tensor[rows]`, a slice along its first axis) decoded to float32.
+
+        The decoded copy is all the caller gets; the pages it was read from are dropped
+        from this process right away, so a whole-checkpoint pass keeps only one tensor's
+        worth of the file resident (the kernel's page cache still has it for re-reads).
+        """
         entry = self.entries[name]
         shape = entry.shape if rows is None else (rows.stop - rows.start, *entry.shape[1:])
-        return to_float32(self.raw(name, rows), entry.dtype).reshape(shape)
+        raw = self.raw(name, rows)
+        values = to_float32(raw, entry.dtype).reshape(shape)
+        if raw.nbytes:
+            self._release(raw)
+        return values
+
+    def _release(self, raw: np.ndarray) -> None:
+        begin = raw.__array_interface__["data"][0] - self._map_address
+        first_page = begin - begin % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, first_page, begin + raw.nbytes - first_page)
 
     def close(self) -> None:
         if self._map is not None:

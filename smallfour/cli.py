@@ -28,6 +28,37 @@ err = Console(stderr=True)
 
 VERBOSE = typer.Option(False, "-v", "--verbose", help="Show llama.cpp's own log on stderr.")
 
+# Placement options shared by every command that loads a model.
+PLACEMENT_HELP = "Placement"
+CPU_EXPERTS = typer.Option("none", "--cpu-experts", rich_help_panel=PLACEMENT_HELP,
+                           help="Keep routed experts in CPU RAM: all, none, or N = those of the first N layers "
+                                "(llama.cpp's --n-cpu-moe convention).")
+OVERRIDE_TENSOR = typer.Option(None, "--override-tensor", "-ot", rich_help_panel=PLACEMENT_HELP,
+                               help="REGEX=DEVICE: put matching tensors on DEVICE (CPU, CUDA0, …); repeatable, "
+                                    "llama.cpp's syntax.")
+GPU_LAYERS = typer.Option(-1, "--gpu-layers", "-ngl", rich_help_panel=PLACEMENT_HELP,
+                          help="Layers to offload to GPU(s); -1 = all, 0 = CPU only.")
+TENSOR_SPLIT = typer.Option(None, "--tensor-split", rich_help_panel=PLACEMENT_HELP,
+                            help="Share of the model per GPU, e.g. 1,1,1,1 or 3,1.")
+SPLIT_MODE = typer.Option("layer", "--split-mode", rich_help_panel=PLACEMENT_HELP,
+                          help="How to split across GPUs: layer, row or none.")
+MAIN_GPU = typer.Option(0, "--main-gpu", rich_help_panel=PLACEMENT_HELP,
+                        help="GPU for the whole model with --split-mode none, and for scratch buffers.")
+KV_TYPE = typer.Option("f16", "--kv-type", rich_help_panel=PLACEMENT_HELP,
+                       help="KV cache type: f16, bf16, q8_0 or f32. Mistral Small 4 caches only the MLA latent "
+                            "(23 KB per token in f16).")
+FLASH_ATTN = typer.Option(False, "--flash-attn/--no-flash-attn", rich_help_panel=PLACEMENT_HELP,
+                          help="Use flash attention.")
+
+
+def placement_from_options(cpu_experts: str, override_tensor: list[str] | None, gpu_layers: int,
+                           tensor_split: str | None, split_mode: str, main_gpu: int, flash_attn: bool):
+    from smallfour.placement import Placement, parse_override, parse_tensor_split
+
+    return Placement(n_gpu_layers=gpu_layers, split_mode=split_mode, main_gpu=main_gpu,
+                     tensor_split=parse_tensor_split(tensor_split), cpu_experts=cpu_experts,
+                     overrides=tuple(parse_override(o) for o in override_tensor or ()), flash_attn=flash_attn)
+
 
 def reports_errors(command):
     """Turn our errors into one red line on stderr and exit code 1; Ctrl-C into exit code 130."""
@@ -133,6 +164,14 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: content, reasoning_content, "
                                                         "usage, timings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Render and tokenize the prompt, generate nothing."),
+    cpu_experts: str = CPU_EXPERTS,
+    override_tensor: Optional[list[str]] = OVERRIDE_TENSOR,
+    gpu_layers: int = GPU_LAYERS,
+    tensor_split: Optional[str] = TENSOR_SPLIT,
+    split_mode: str = SPLIT_MODE,
+    main_gpu: int = MAIN_GPU,
+    kv_type: str = KV_TYPE,
+    flash_attn: bool = FLASH_ATTN,
     verbose: bool = VERBOSE,
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
@@ -146,9 +185,11 @@ def run(
         text, tokens = render_prompt(model, prompt, verbose=verbose)
         print(json.dumps({"prompt": text, "tokens": tokens}) if as_json else text)
         return
-    stream = None if as_json else (lambda channel, text: _stream(channel, text))
+    placement = placement_from_options(cpu_experts, override_tensor, gpu_layers, tensor_split, split_mode, main_gpu,
+                                       flash_attn)
+    stream = None if as_json else _stream
     result = one_shot(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      n_ctx=ctx, verbose=verbose, on_text=stream)
+                      n_ctx=ctx, verbose=verbose, on_text=stream, kv_type=kv_type, placement=placement)
     if as_json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
     else:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from convert.writer import convert_checkpoint
-from smallfour.fixtures.checkpoint import DEMO_SPEC, build_fixture, default_cache_dir
+from smallfour.fixtures.checkpoint import DEMO_SPEC, build_fixture
 from smallfour.generate import one_shot
 
 
@@ -23,7 +23,7 @@ def run_demo(prompt: str, *, verbose: bool, console: Console, progress) -> Path:
     checkpoint = build_fixture(DEMO_SPEC)
     console.print(f"1. tiny Mistral Small 4 checkpoint in Mistral's layout ({DEMO_SPEC.n_layers} layers, "
                   f"{DEMO_SPEC.n_experts} experts, Tekken v15 vocabulary): {checkpoint}", highlight=False)
-    gguf_path = default_cache_dir() / f"{checkpoint.name}-q8_0.gguf"
+    gguf_path = checkpoint / "demo-q8_0.gguf"  # lives and dies with its checkpoint in the cache
     if not gguf_path.exists():
         with Progress(console=console, transient=True) as bars:
             convert_checkpoint(checkpoint, gguf_path, "q8_0", progress=progress(bars))

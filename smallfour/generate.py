@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from smallfour.placement import Placement
 from smallfour.prompts import render_chat, user_turn
 from smallfour.runtime import GenerationResult, chat_template, generate, load_model, tokenize_prompt
 
@@ -18,8 +19,9 @@ def render_prompt(model: Path, prompt: str, *, verbose: bool = False) -> tuple[s
 
 def one_shot(model: Path, prompt: str, *, max_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.95,
              seed: int | None = None, n_ctx: int = 4096, verbose: bool = False,
-             on_text: Callable[[str, str], None] | None = None) -> GenerationResult:
-    llm = load_model(model, n_ctx=n_ctx, seed=seed, verbose=verbose)
+             on_text: Callable[[str, str], None] | None = None, kv_type: str = "f16",
+             placement: Placement | None = None) -> GenerationResult:
+    llm = load_model(model, n_ctx=n_ctx, seed=seed, verbose=verbose, kv_type=kv_type, placement=placement)
     tokens = tokenize_prompt(llm, render_chat(chat_template(llm), user_turn(prompt)))
     pieces = generate(llm, tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     while True:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smallfour.errors import SmallfourError
+from smallfour.placement import (SPLIT_MODES, Placement, expert_overrides, model_params_with_overrides,
+                                 override_array)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -79,9 +81,19 @@ def check_gguf(path: Path) -> None:
             raise SmallfourError(f"{path} is not a GGUF file")
 
 
+def block_count(path: Path) -> int:
+    """The layer count from the GGUF header (read without loading weights)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    return int(fields[f"{arch}.block_count"].contents())
+
+
 def load_model(path: Path, *, n_ctx: int = 4096, seed: int | None = None, verbose: bool = False,
-               logits_all: bool = False, n_threads: int | None = None, kv_type: str = "f16"):
-    """A `llama_cpp.Llama` for the GGUF at `path`."""
+               logits_all: bool = False, n_threads: int | None = None, kv_type: str = "f16",
+               placement: Placement | None = None):
+    """A `llama_cpp.Llama` for the GGUF at `path`, laid out as `placement` says."""
     global _show_llama_log
     import llama_cpp
 
@@ -89,16 +101,29 @@ def load_model(path: Path, *, n_ctx: int = 4096, seed: int | None = None, verbos
     check_gguf(path)
     if kv_type not in KV_TYPES:
         raise SmallfourError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+    placement = placement or Placement()
+    if placement.split_mode not in SPLIT_MODES:
+        raise SmallfourError(f"unknown split mode {placement.split_mode!r}; choose one of {', '.join(SPLIT_MODES)}")
+    overrides = list(placement.overrides)
+    if placement.cpu_experts != "none":
+        overrides += expert_overrides(placement.cpu_experts, block_count(path))
+    override_c_array = override_array(overrides)
     _install_log_callback()
     _show_llama_log = verbose
     try:
-        return llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-            verbose=verbose, logits_all=logits_all, n_threads=n_threads, n_gpu_layers=-1,
-            type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
-        )
+        with model_params_with_overrides(override_c_array):
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                verbose=verbose, logits_all=logits_all, n_threads=n_threads, n_gpu_layers=placement.n_gpu_layers,
+                split_mode=SPLIT_MODES[placement.split_mode], main_gpu=placement.main_gpu,
+                tensor_split=list(placement.tensor_split) if placement.tensor_split else None,
+                flash_attn=placement.flash_attn, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
+            )
     except (ValueError, RuntimeError) as exc:
         raise SmallfourError(f"llama.cpp could not load {path.name}: {exc} (run with -v for llama.cpp's log)") from None
+    # llama.cpp holds pointers into the override array for the model's lifetime.
+    llm._smallfour_tensor_overrides = override_c_array
+    return llm
 
 
 def chat_template(llm) -> str:

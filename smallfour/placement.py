@@ -1,0 +1,158 @@
+"""Where llama.cpp puts each tensor: GPUs, CPU RAM, and the routed experts between them.
+
+llama.cpp places tensors by layer (`n_gpu_layers`, `tensor_split`) and lets a
+list of `pattern → buffer type` overrides pin matching tensors elsewhere: that
+is what `llama-cli -ot` and `--cpu-moe` use to keep routed experts in RAM.
+llama-cpp-python declares `tensor_buft_overrides` but never fills it, so we
+build the NULL-terminated C array here and hand it to the model parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smallfour.errors import SmallfourError
+
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+
+# llama.cpp's own pattern for routed-expert tensors (`--cpu-moe`), merged gate_up included.
+EXPERT_TENSORS = r"ffn_(up|down|gate|gate_up)_exps"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How to lay the model out; the defaults put everything on the GPU(s) llama.cpp finds."""
+
+    n_gpu_layers: int = -1
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] | None = None
+    # "none", "all", or a number N: the routed experts of the first N layers stay in CPU RAM
+    # (llama.cpp's `--n-cpu-moe` convention).
+    cpu_experts: str = "none"
+    overrides: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    flash_attn: bool = False
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """`REGEX=BUFFER_TYPE`, llama.cpp's `--override-tensor` syntax."""
+    pattern, sep, device = text.rpartition("=")
+    if not sep or not pattern or not device:
+        raise SmallfourError(f"--override-tensor {text!r}: expected REGEX=DEVICE, e.g. 'ffn_.*_exps=CPU'")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise SmallfourError(f"--override-tensor {text!r}: invalid regex ({exc})") from None
+    return pattern, device
+
+
+def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise SmallfourError(f"--tensor-split {text!r}: expected comma-separated numbers, e.g. 3,1") from None
+    if any(p < 0 for p in parts) or not any(parts):
+        raise SmallfourError(f"--tensor-split {text!r}: proportions must be ≥ 0 and not all zero")
+    return parts
+
+
+def expert_overrides(cpu_experts: str, n_layers: int) -> list[tuple[str, str]]:
+    """The overrides that keep routed experts in CPU RAM for `--cpu-experts`."""
+    if cpu_experts == "none":
+        return []
+    if cpu_experts == "all":
+        return [(rf"\.{EXPERT_TENSORS}\.", "CPU")]
+    try:
+        count = int(cpu_experts)
+    except ValueError:
+        raise SmallfourError(f"--cpu-experts {cpu_experts!r}: expected all, none, auto or a number of layers") from None
+    if not 0 <= count <= n_layers:
+        raise SmallfourError(f"--cpu-experts {count}: the model has {n_layers} layers")
+    if count == 0:
+        return []
+    layers = "|".join(str(i) for i in range(count))
+    return [(rf"^blk\.({layers})\.{EXPERT_TENSORS}\.", "CPU")]
+
+
+def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """libggml (device registry) and libggml-base (device/buffer-type accessors) of llama-cpp-python."""
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    ggml = ctypes.CDLL(str(next(lib_dir.glob("libggml.so*"), lib_dir / "libggml.so")))
+    base = ctypes.CDLL(str(next(lib_dir.glob("libggml-base.so*"), lib_dir / "libggml-base.so")))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for name in ("ggml_backend_dev_buffer_type", "ggml_backend_dev_host_buffer_type"):
+        getattr(base, name).argtypes = [ctypes.c_void_p]
+        getattr(base, name).restype = ctypes.c_void_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    return ggml, base
+
+
+def buffer_types() -> dict[str, int]:
+    """Buffer types by name (`CPU`, `CUDA0`, `CUDA_Host`, …) of every device this build has."""
+    ggml, base = _ggml()
+    found: dict[str, int] = {}
+    for index in range(ggml.ggml_backend_dev_count()):
+        device = ggml.ggml_backend_dev_get(index)
+        for getter in (base.ggml_backend_dev_buffer_type, base.ggml_backend_dev_host_buffer_type):
+            buft = getter(device)
+            if buft:
+                found.setdefault(base.ggml_backend_buft_name(buft).decode(), buft)
+    return found
+
+
+class _Override(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def override_array(overrides: list[tuple[str, str]]) -> ctypes.Array | None:
+    """The NULL-terminated `llama_model_tensor_buft_override` array, or None for no overrides."""
+    if not overrides:
+        return None
+    available = buffer_types()
+    entries = []
+    for pattern, device in overrides:
+        if device not in available:
+            raise SmallfourError(f"unknown device {device!r} in a tensor override; this build has "
+                                 f"{', '.join(sorted(available))}")
+        entries.append(_Override(pattern.encode(), available[device]))
+    array = (_Override * (len(entries) + 1))(*entries, _Override(None, None))
+    return array
+
+
+@contextlib.contextmanager
+def model_params_with_overrides(array: ctypes.Array | None) -> Iterator[None]:
+    """While active, llama-cpp-python's `Llama(...)` builds its model params with our overrides.
+
+    `Llama.__init__` creates the params from `llama_model_default_params()` and loads the
+    model in the same call, so the defaults are the one place to put the array in.
+    The caller keeps `array` alive for the model's lifetime: llama.cpp keeps the pointer.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    if array is None:
+        yield
+        return
+    original = lib.llama_model_default_params
+
+    def with_overrides():
+        params = original()
+        params.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)
+        return params
+
+    lib.llama_model_default_params = with_overrides
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
