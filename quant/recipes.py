@@ -49,12 +49,22 @@ def choose_type(recipe_type: GGMLQuantizationType, role: str, shape: tuple[int, 
     return TypeChoice(recipe_type)
 
 
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns, rounding to nearest even (finite input)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
 def encode(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """float32 values in the stored form of `qtype` (rows quantized independently)."""
     if qtype == GGMLQuantizationType.F32:
         return np.ascontiguousarray(values, dtype=np.float32)
     if qtype == GGMLQuantizationType.F16:
         return values.astype(np.float16)
+    if qtype == GGMLQuantizationType.BF16:
+        # gguf-py's BF16 path works row by row; the whole array at once is ~10× faster.
+        return bf16_bits(values)
     return quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
 
 
