@@ -38,6 +38,8 @@ OVERRIDE_TENSOR = typer.Option(None, "--override-tensor", "-ot", rich_help_panel
                                     "llama.cpp's syntax.")
 GPU_LAYERS = typer.Option(-1, "--gpu-layers", "-ngl", rich_help_panel=PLACEMENT_HELP,
                           help="Layers to offload to GPU(s); -1 = all, 0 = CPU only.")
+GPUS = typer.Option(None, "--gpus", rich_help_panel=PLACEMENT_HELP,
+                    help="Use the first N GPUs, split evenly; 0 = CPU only.")
 TENSOR_SPLIT = typer.Option(None, "--tensor-split", rich_help_panel=PLACEMENT_HELP,
                             help="Share of the model per GPU, e.g. 1,1,1,1 or 3,1.")
 SPLIT_MODE = typer.Option("layer", "--split-mode", rich_help_panel=PLACEMENT_HELP,
@@ -51,12 +53,13 @@ FLASH_ATTN = typer.Option(False, "--flash-attn/--no-flash-attn", rich_help_panel
                           help="Use flash attention.")
 
 
-def placement_from_options(cpu_experts: str, override_tensor: list[str] | None, gpu_layers: int,
+def placement_from_options(cpu_experts: str, override_tensor: list[str] | None, gpu_layers: int, gpus: int | None,
                            tensor_split: str | None, split_mode: str, main_gpu: int, flash_attn: bool):
-    from smallfour.placement import Placement, parse_override, parse_tensor_split
+    from smallfour.placement import Placement, parse_override, parse_tensor_split, split_for_gpus
 
-    return Placement(n_gpu_layers=gpu_layers, split_mode=split_mode, main_gpu=main_gpu,
-                     tensor_split=parse_tensor_split(tensor_split), cpu_experts=cpu_experts,
+    layers_override, split = split_for_gpus(gpus, parse_tensor_split(tensor_split))
+    return Placement(n_gpu_layers=gpu_layers if layers_override is None else layers_override, split_mode=split_mode,
+                     main_gpu=main_gpu, tensor_split=split, cpu_experts=cpu_experts,
                      overrides=tuple(parse_override(o) for o in override_tensor or ()), flash_attn=flash_attn)
 
 
@@ -167,6 +170,7 @@ def run(
     cpu_experts: str = CPU_EXPERTS,
     override_tensor: Optional[list[str]] = OVERRIDE_TENSOR,
     gpu_layers: int = GPU_LAYERS,
+    gpus: Optional[int] = GPUS,
     tensor_split: Optional[str] = TENSOR_SPLIT,
     split_mode: str = SPLIT_MODE,
     main_gpu: int = MAIN_GPU,
@@ -185,8 +189,8 @@ def run(
         text, tokens = render_prompt(model, prompt, verbose=verbose)
         print(json.dumps({"prompt": text, "tokens": tokens}) if as_json else text)
         return
-    placement = placement_from_options(cpu_experts, override_tensor, gpu_layers, tensor_split, split_mode, main_gpu,
-                                       flash_attn)
+    placement = placement_from_options(cpu_experts, override_tensor, gpu_layers, gpus, tensor_split, split_mode,
+                                       main_gpu, flash_attn)
     stream = None if as_json else _stream
     result = one_shot(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       n_ctx=ctx, verbose=verbose, on_text=stream, kv_type=kv_type, placement=placement)

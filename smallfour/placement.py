@@ -96,7 +96,55 @@ def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         getattr(base, name).restype = ctypes.c_void_p
     base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
     base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(base, name).argtypes = [ctypes.c_void_p]
+        getattr(base, name).restype = ctypes.c_char_p
+    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_type.restype = ctypes.c_int
+    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                             ctypes.POINTER(ctypes.c_size_t)]
     return ggml, base
+
+
+# enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL
+GPU_DEVICE_TYPES = (1, 2)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    free_bytes: int
+    total_bytes: int
+
+
+def gpu_devices() -> list[Device]:
+    """The GPUs this llama.cpp build can use, with their memory as the driver reports it."""
+    ggml, base = _ggml()
+    found = []
+    for index in range(ggml.ggml_backend_dev_count()):
+        device = ggml.ggml_backend_dev_get(index)
+        if base.ggml_backend_dev_type(device) not in GPU_DEVICE_TYPES:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        base.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+        found.append(Device(base.ggml_backend_dev_name(device).decode(),
+                            base.ggml_backend_dev_description(device).decode(), free.value, total.value))
+    return found
+
+
+def split_for_gpus(gpus: int | None, tensor_split: tuple[float, ...] | None) -> tuple[int | None, tuple[float, ...] | None]:
+    """`--gpus N`: use the first N GPUs evenly (0 = CPU only). Returns (n_gpu_layers override, split)."""
+    if gpus is None:
+        return None, tensor_split
+    available = len(gpu_devices())
+    if gpus < 0 or gpus > available:
+        raise SmallfourError(f"--gpus {gpus}: this llama.cpp build sees {available} GPU(s)")
+    if gpus == 0:
+        return 0, None
+    if tensor_split is not None:
+        raise SmallfourError("give either --gpus or --tensor-split, not both")
+    return None, tuple([1.0] * gpus + [0.0] * (available - gpus))
 
 
 def buffer_types() -> dict[str, int]:

@@ -71,3 +71,10 @@ def test_generation_identical_with_and_without_overrides(converted):
 ])
 def test_placement_errors(converted, flags, message):
     assert_one_line_error(run_cli("run", converted(HF, "q8_0"), "-p", "x", "-n", "1", *flags), message)
+
+
+def test_gpus_on_a_cpu_build(converted):
+    model = converted(HF, "q8_0")
+    assert_one_line_error(run_cli("run", model, "-p", "x", "-n", "1", "--gpus", "1"), "sees 0 GPU(s)")
+    cpu_only = run_cli("run", model, "-p", "x", "-n", "1", "--gpus", "0", "--json")
+    assert cpu_only.returncode == 0 and json.loads(cpu_only.stdout)["usage"]["completion_tokens"] == 1
