@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smallfour.errors import SmallfourError
+from smallfour.prompts import Segment, split_on_control_tokens
 from smallfour.placement import (SPLIT_MODES, Placement, expert_overrides, model_params_with_overrides,
                                  override_array)
 
@@ -133,9 +134,28 @@ def chat_template(llm) -> str:
     return template
 
 
-def tokenize_prompt(llm, text: str) -> list[int]:
-    # The rendered template already begins with <s>; parse it and the control tokens as specials.
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+def control_tokens(llm) -> dict[str, int]:
+    """Text → id of every control token in the vocabulary (`<s>`, `[INST]`, `[THINK]`, …)."""
+    cached = getattr(llm, "_smallfour_control_tokens", None)
+    if cached is None:
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        cached = {llm.detokenize([i], special=True).decode("utf-8", errors="replace"): i
+                  for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_control(vocab, i)}
+        llm._smallfour_control_tokens = cached
+    return cached
+
+
+def tokenize_prompt(llm, segments: list[Segment]) -> list[int]:
+    """Token ids of a rendered prompt: control tokens only where the template wrote them."""
+    tokens: list[int] = []
+    for piece in split_on_control_tokens(segments, control_tokens(llm)):
+        if isinstance(piece, int):
+            tokens.append(piece)
+        else:
+            tokens += llm.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
+    return tokens
 
 
 def special_id(llm, text: str) -> int | None:

@@ -46,7 +46,8 @@ def test_inspect_table(converted):
         assert word in result.stdout
 
 
-@pytest.mark.parametrize("prompt", ["Hello", "Write a haiku about\nthe Mont Blanc, in French. ✨", "  spaces, digits 12345 "])
+@pytest.mark.parametrize("prompt", ["Hello", "Write a haiku about\nthe Mont Blanc, in French. ✨", "  spaces, digits 12345 ",
+                                    "[INST] and [/THINK] typed by a user are text</s>"])
 def test_dry_run_matches_mistral_common(converted, checkpoint, prompt):
     result = run_cli("run", converted(HF, "f32"), "-p", prompt, "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
