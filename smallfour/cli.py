@@ -154,19 +154,73 @@ def inspect(
     out.print(roles)
 
 
+def read_json_file(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SmallfourError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SmallfourError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+def request_messages(prompt: str | None, messages_file: Path | None, system: str | None) -> list[dict]:
+    """The conversation from --messages, or one user turn from -p / stdin."""
+    if messages_file is not None:
+        if prompt is not None:
+            raise SmallfourError("give either -p/--prompt or --messages, not both")
+        messages = read_json_file(messages_file, "messages")
+        if isinstance(messages, dict):
+            messages = messages.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise SmallfourError(f"{messages_file}: expected a JSON list of {{\"role\", \"content\"}} messages")
+    else:
+        if prompt is None:
+            if sys.stdin.isatty():
+                raise SmallfourError("no prompt: pass -p TEXT, --messages FILE, or pipe the prompt on stdin")
+            prompt = sys.stdin.read()
+        messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+    return messages
+
+
+GENERATION_HELP = "Generation"
+
+
 @app.command()
 @reports_errors
 def run(
     model: Path = typer.Argument(..., help="GGUF file."),
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The user message; read from stdin if omitted."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable output."),
+    messages_file: Optional[Path] = typer.Option(None, "--messages", help="A JSON file with a whole conversation "
+                                                                           "(OpenAI-style messages) instead of -p."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    tools_file: Optional[Path] = typer.Option(None, "--tools", help="JSON file with OpenAI-style tool definitions; "
+                                                                     "tool calls come back in --json as tool_calls."),
+    preset: str = typer.Option("instant", "--preset", rich_help_panel=GENERATION_HELP,
+                               help="instant (no thinking, temperature 0.15), think (reasoning, temperature 0.7, "
+                                    "top-p 0.95) or think-budget (think, at most 2048 thinking tokens)."),
+    effort: Optional[str] = typer.Option(None, "--effort", rich_help_panel=GENERATION_HELP,
+                                         help="Reasoning effort: none or high (overrides the preset's)."),
+    think_budget: Optional[int] = typer.Option(None, "--think-budget", rich_help_panel=GENERATION_HELP,
+                                               help="Most thinking tokens; then [/THINK] is forced and the model "
+                                                    "answers."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, rich_help_panel=GENERATION_HELP,
+                                             help="Most tokens to generate, thinking included."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, rich_help_panel=GENERATION_HELP,
+                                                help="Sampling temperature; 0 is greedy."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, rich_help_panel=GENERATION_HELP,
+                                          help="Nucleus sampling threshold."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, rich_help_panel=GENERATION_HELP,
+                                        help="Sample among the K likeliest tokens; 0 = no limit."),
+    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=GENERATION_HELP,
+                                       help="Sampling seed, for repeatable output."),
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the model's thinking."),
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: content, reasoning_content, "
-                                                        "usage, timings."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Render and tokenize the prompt, generate nothing."),
+                                                        "tool_calls, usage, timings."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Render and tokenize the prompt, generate nothing; "
+                                                           "with --json prints {prompt, tokens}."),
     cpu_experts: str = CPU_EXPERTS,
     override_tensor: Optional[list[str]] = OVERRIDE_TENSOR,
     gpu_layers: int = GPU_LAYERS,
@@ -178,31 +232,41 @@ def run(
     flash_attn: bool = FLASH_ATTN,
     verbose: bool = VERBOSE,
 ) -> None:
-    """Answer one prompt, streaming the reply to stdout."""
-    from smallfour.generate import one_shot, render_prompt
+    """Answer one prompt (or continue a conversation), streaming the reply to stdout.
 
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise SmallfourError("no prompt: pass -p TEXT or pipe it on stdin")
-        prompt = sys.stdin.read()
+    Thinking goes to stderr (dimmed) so that stdout carries only the answer.
+    """
+    from smallfour.generate import dry_run as render_only
+    from smallfour.generate import one_shot, resolve_request
+
+    tools = read_json_file(tools_file, "tools") if tools_file is not None else None
+    request = resolve_request(request_messages(prompt, messages_file, system), preset=preset, effort=effort,
+                              think_budget=think_budget, tools=tools, max_tokens=max_tokens,
+                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if dry_run:
-        text, tokens = render_prompt(model, prompt, verbose=verbose)
-        print(json.dumps({"prompt": text, "tokens": tokens}) if as_json else text)
+        text, tokens = render_only(model, request, verbose=verbose)
+        print(json.dumps({"prompt": text, "tokens": tokens}, ensure_ascii=False) if as_json else text)
         return
     placement = placement_from_options(cpu_experts, override_tensor, gpu_layers, gpus, tensor_split, split_mode,
                                        main_gpu, flash_attn)
-    stream = None if as_json else _stream
-    result = one_shot(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      n_ctx=ctx, verbose=verbose, on_text=stream, kv_type=kv_type, placement=placement)
+    stream = None if as_json else functools.partial(_stream, hide_thinking=hide_thinking)
+    result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=kv_type, placement=placement,
+                      on_text=stream)
     if as_json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
-    else:
-        sys.stdout.write("\n")
+        return
+    sys.stdout.write("\n")
+    for call in result.tool_calls:
+        print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
+    if result.tool_call_error:
+        err.print(f"[yellow]malformed tool call:[/] {result.tool_call_error}", highlight=False)
 
 
-def _stream(channel: str, text: str) -> None:
+def _stream(channel: str, text: str, hide_thinking: bool = False) -> None:
     # Thinking goes to stderr, dimmed, so stdout carries only the answer.
     if channel == "reasoning":
+        if hide_thinking:
+            return
         err.print(text, style="dim", end="", highlight=False, markup=False)
     else:
         sys.stdout.write(text)
@@ -222,6 +286,7 @@ def demo(
 
 
 # Commands defined in their own modules register here, one line each.
+app.command(name="plan")(reports_errors(__import__("smallfour.plan_cli", fromlist=["plan"]).plan))
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from rich.progress import Progress
 
 from convert.writer import convert_checkpoint
 from smallfour.fixtures.checkpoint import DEMO_SPEC, build_fixture
-from smallfour.generate import one_shot
+from smallfour.generate import one_shot, resolve_request, user_turn
 
 
 def run_demo(prompt: str, *, verbose: bool, console: Console, progress) -> Path:
@@ -30,7 +30,8 @@ def run_demo(prompt: str, *, verbose: bool, console: Console, progress) -> Path:
     console.print(f"2. converted to GGUF (q8_0): {gguf_path} ({gguf_path.stat().st_size / 1e6:.1f} MB)",
                   highlight=False)
     console.print(f"3. running through llama.cpp: {prompt!r}", highlight=False)
-    result = one_shot(gguf_path, prompt, max_tokens=32, temperature=0.0, verbose=verbose)
+    request = resolve_request(user_turn(prompt), max_tokens=32, temperature=0.0)
+    result = one_shot(gguf_path, request, verbose=verbose)
     print(result.content)
     console.print(f"   {result.completion_tokens} tokens at {result.as_json()['timings']['predicted_per_second']} "
                   f"tok/s; total {time.perf_counter() - started:.1f} s. (Random weights: the text is noise.)",

@@ -1,33 +1,284 @@
-"""One-shot generation: a user prompt through the model's chat template into llama.cpp."""
+"""Chat completions: messages through the model's template into llama.cpp, and back as
+separate thinking, answer and tool calls.
+
+Mistral Small 4 thinks inside `[THINK]…[/THINK]` when asked for `reasoning_effort:
+"high"`, and calls tools as `[TOOL_CALLS]name[ARGS]{json}`. The sampling loop
+watches those control tokens as they stream, so thinking and answer arrive on
+separate channels, a thinking budget can close the thought by forcing `[/THINK]`,
+and tool calls come out as OpenAI-style objects.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import codecs
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
+import numpy as np
+
+from smallfour.errors import SmallfourError
 from smallfour.placement import Placement
-from smallfour.prompts import render_segments, user_turn
-from smallfour.runtime import GenerationResult, chat_template, generate, load_model, tokenize_prompt
+from smallfour.prompts import Message, render_segments, user_turn
+from smallfour.runtime import chat_template, control_tokens, load_model, tokenize_prompt
+
+EFFORTS = ("none", "high")
 
 
-def render_prompt(model: Path, prompt: str, *, verbose: bool = False) -> tuple[str, list[int]]:
-    """The prompt text the template renders for one user turn, and its token ids."""
-    llm = load_model(model, n_ctx=256, verbose=verbose)
-    segments = render_segments(chat_template(llm), user_turn(prompt))
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.0
+    max_tokens: int = 2048
+    seed: int | None = None
+    # token id → added to its logit (OpenAI's `logit_bias`; -100 bans, +100 forces).
+    logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class Preset:
+    effort: str
+    sampling: Sampling
+    think_budget: int | None
+    description: str
+
+
+# Defaults follow what Mistral published for the two models Small 4 merges: Mistral Small 3.2
+# (instant answers) recommends temperature 0.15; Magistral (step-by-step reasoning) recommends
+# temperature 0.7 and top-p 0.95. Every value can be overridden on the command line.
+PRESETS: dict[str, Preset] = {
+    "instant": Preset("none", Sampling(temperature=0.15, top_p=1.0, top_k=0, max_tokens=2048), None,
+                      "no thinking, quick and focused answers (Mistral Small 3.2 style)"),
+    "think": Preset("high", Sampling(temperature=0.7, top_p=0.95, top_k=0, max_tokens=16384), None,
+                    "thinks step by step in [THINK]…[/THINK] first (Magistral style); may think long"),
+    "think-budget": Preset("high", Sampling(temperature=0.7, top_p=0.95, top_k=0, max_tokens=8192), 2048,
+                           "thinks, but at most 2048 thinking tokens before it must answer"),
+}
+DEFAULT_PRESET = "instant"
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    effort: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    think_budget: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    content: str = ""
+    reasoning_content: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+    finish_reason: str = "length"
+    tokens: list[int] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        def rate(n: int, ms: float) -> float:
+            return round(n / (ms / 1000.0), 2) if ms > 0 else 0.0
+
+        out: dict[str, Any] = {
+            "content": self.content,
+            "reasoning_content": self.reasoning_content,
+            "finish_reason": self.finish_reason,
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                      "total_tokens": self.prompt_tokens + self.completion_tokens,
+                      "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}},
+            "timings": {"prompt_ms": round(self.prompt_ms, 2), "prompt_per_second": rate(self.prompt_tokens, self.prompt_ms),
+                        "predicted_ms": round(self.predicted_ms, 2),
+                        "predicted_per_second": rate(self.completion_tokens, self.predicted_ms)},
+        }
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_error:
+            out["tool_call_error"] = self.tool_call_error
+        return out
+
+
+def check_effort(effort: str | None) -> None:
+    if effort is not None and effort not in EFFORTS:
+        raise SmallfourError(f"reasoning effort {effort!r}: Mistral Small 4 accepts {' or '.join(EFFORTS)}")
+
+
+def prompt_tokens(llm, request: ChatRequest) -> tuple[str, list[int]]:
+    """The rendered prompt and its token ids, exactly as mistral-common would encode the request."""
+    check_effort(request.effort)
+    settings: dict[str, Any] = {}
+    if request.effort is not None:
+        settings["reasoning_effort"] = request.effort
+    if request.tools:
+        settings["tools"] = request.tools
+    segments = render_segments(chat_template(llm), request.messages, **settings)
     return "".join(s.text for s in segments), tokenize_prompt(llm, segments)
 
 
-def one_shot(model: Path, prompt: str, *, max_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.95,
-             seed: int | None = None, n_ctx: int = 4096, verbose: bool = False,
-             on_text: Callable[[str, str], None] | None = None, kv_type: str = "f16",
-             placement: Placement | None = None) -> GenerationResult:
-    llm = load_model(model, n_ctx=n_ctx, seed=seed, verbose=verbose, kv_type=kv_type, placement=placement)
-    tokens = tokenize_prompt(llm, render_segments(chat_template(llm), user_turn(prompt)))
-    pieces = generate(llm, tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    while True:
+class _Stream:
+    """Tracks which channel the model is writing in, from the control tokens it emits."""
+
+    def __init__(self, llm, parse_tools: bool):
+        control = control_tokens(llm)
+        self.think_open, self.think_close = control.get("[THINK]"), control.get("[/THINK]")
+        self.tool_calls, self.args = (control.get("[TOOL_CALLS]"), control.get("[ARGS]")) if parse_tools else (None, None)
+        self.channel = "content"
+        self.calls: list[list[str]] = []  # [name, arguments] as streamed
+
+
+def complete(llm, request: ChatRequest, *, on_text: Callable[[str, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    """Generate one assistant turn. `on_text(channel, text)` gets "reasoning" and "content" pieces."""
+    _, tokens = prompt_tokens(llm, request)
+    sampling = request.sampling
+    if len(tokens) >= llm.n_ctx():
+        raise SmallfourError(f"prompt is {len(tokens)} tokens, the context holds {llm.n_ctx()}")
+    if sampling.seed is not None:
+        llm.set_seed(sampling.seed)
+    stream = _Stream(llm, parse_tools=bool(request.tools))
+    result = GenerationResult(prompt_tokens=len(tokens))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    budget = min(sampling.max_tokens, llm.n_ctx() - len(tokens))
+    processors = _logits_processors(sampling, request.think_budget, stream, result)
+    started = time.perf_counter()
+    first_token_at = None
+    for token in llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                              min_p=sampling.min_p, repeat_penalty=1.0, logits_processor=processors):
+        first_token_at = first_token_at or time.perf_counter()
+        if token == llm.token_eos():
+            result.finish_reason = "stop"
+            break
+        result.tokens.append(token)
+        result.completion_tokens += 1
+        text = _route(llm, token, stream, decoder, result)
+        if text and on_text is not None:
+            on_text(stream.channel, text)
+        if result.completion_tokens >= budget or (should_stop is not None and should_stop()):
+            break
+    finished = time.perf_counter()
+    first_token_at = first_token_at or finished
+    result.prompt_ms, result.predicted_ms = (first_token_at - started) * 1000.0, (finished - first_token_at) * 1000.0
+    _finish_tool_calls(stream, result)
+    return result
+
+
+def _route(llm, token: int, stream: _Stream, decoder, result: GenerationResult) -> str:
+    """Account one generated token to its channel; the visible text it adds, if any."""
+    if token == stream.think_open:
+        stream.channel = "reasoning"
+        return ""
+    if token == stream.think_close:
+        stream.channel = "content"
+        return ""
+    if token == stream.tool_calls:
+        stream.channel = "tool"
+        stream.calls.append(["", None])
+        return ""
+    if token == stream.args and stream.channel == "tool":
+        stream.calls[-1][1] = ""
+        return ""
+    text = decoder.decode(llm.detokenize([token], special=False))
+    if stream.channel == "reasoning":
+        result.reasoning_tokens += 1
+        result.reasoning_content += text
+    elif stream.channel == "tool":
+        call = stream.calls[-1]
+        if call[1] is None:
+            call[0] += text
+        else:
+            call[1] += text
+        return ""
+    else:
+        result.content += text
+    return text
+
+
+def _logits_processors(sampling: Sampling, think_budget: int | None, stream: _Stream, result: GenerationResult):
+    """Logit bias, and the thinking budget: once spent, `[/THINK]` is the only token left to sample."""
+    if not sampling.logit_bias and think_budget is None:
+        return None
+    bias_ids = np.array(list(sampling.logit_bias), dtype=np.int64)
+    bias_values = np.array(list(sampling.logit_bias.values()), dtype=np.float32)
+
+    def process(input_ids, scores):
+        if bias_ids.size:
+            scores[bias_ids] += bias_values
+        if (think_budget is not None and stream.channel == "reasoning" and stream.think_close is not None
+                and result.reasoning_tokens >= think_budget):
+            forced = np.full_like(scores, -np.inf)
+            forced[stream.think_close] = 0.0
+            return forced
+        return scores
+
+    from llama_cpp import LogitsProcessorList
+
+    return LogitsProcessorList([process])
+
+
+def _finish_tool_calls(stream: _Stream, result: GenerationResult) -> None:
+    if not stream.calls:
+        return
+    calls, problems = [], []
+    for index, (name, arguments) in enumerate(stream.calls):
+        name = name.strip()
+        if not name or arguments is None:
+            problems.append(f"tool call {index + 1} has no {'name' if not name else '[ARGS]'}")
+            continue
         try:
-            channel, text = next(pieces)
-        except StopIteration as finished:
-            return finished.value
-        if on_text is not None:
-            on_text(channel, text)
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            problems.append(f"tool call {index + 1} ({name}) has arguments that are not JSON: {exc.msg}")
+            continue
+        if not isinstance(parsed, dict):
+            problems.append(f"tool call {index + 1} ({name}) has arguments that are not a JSON object")
+            continue
+        calls.append({"id": "call_" + secrets.token_hex(6), "type": "function",
+                      "function": {"name": name, "arguments": json.dumps(parsed, ensure_ascii=False)}})
+    if problems:
+        result.tool_call_error = "; ".join(problems)
+    else:
+        result.tool_calls = calls
+        result.finish_reason = "tool_calls"
+
+
+def resolve_request(messages: list[Message], *, preset: str | None = None, effort: str | None = None,
+                    think_budget: int | None = None, tools: list | None = None, **overrides: Any) -> ChatRequest:
+    """A request from a preset plus explicit choices; `overrides` are Sampling fields left None when unset."""
+    if preset is not None and preset not in PRESETS:
+        raise SmallfourError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset or DEFAULT_PRESET]
+    check_effort(effort)
+    sampling = replace(base.sampling, **{k: v for k, v in overrides.items() if v is not None})
+    budget = think_budget if think_budget is not None else base.think_budget
+    if budget is not None and budget < 1:
+        raise SmallfourError("--think-budget must be at least 1 token")
+    return ChatRequest(messages, effort if effort is not None else base.effort, tools, sampling, budget)
+
+
+def one_shot(model: Path, request: ChatRequest, *, n_ctx: int = 4096, verbose: bool = False, kv_type: str = "f16",
+             placement: Placement | None = None,
+             on_text: Callable[[str, str], None] | None = None) -> GenerationResult:
+    llm = load_model(model, n_ctx=n_ctx, seed=request.sampling.seed, verbose=verbose, kv_type=kv_type,
+                     placement=placement)
+    return complete(llm, request, on_text=on_text)
+
+
+def dry_run(model: Path, request: ChatRequest, *, verbose: bool = False) -> tuple[str, list[int]]:
+    """The prompt text the template renders for a request, and its token ids; nothing generated."""
+    llm = load_model(model, n_ctx=256, verbose=verbose)
+    return prompt_tokens(llm, request)
+
+
+__all__ = ["ChatRequest", "GenerationResult", "PRESETS", "Sampling", "complete", "dry_run", "one_shot",
+           "prompt_tokens", "resolve_request", "user_turn"]

@@ -1,19 +1,14 @@
-"""Loading a GGUF into llama.cpp and generating from it.
+"""Loading a GGUF into llama.cpp.
 
 A thin layer over `llama_cpp.Llama`: quiet unless asked (llama.cpp's own log
-goes to stderr with `verbose`), prompts tokenized with special tokens parsed
-(the template writes `<s>`, `[INST]` … as text), and generation that separates
-the model's `[THINK]…[/THINK]` reasoning from its answer as it streams.
+goes to stderr with `verbose`), laid out as a `Placement` says, and prompts
+tokenized with control tokens only where the chat template wrote them.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from smallfour.errors import SmallfourError
@@ -45,33 +40,6 @@ def _install_log_callback() -> None:
 
     _log_callback = callback
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-@dataclass
-class GenerationResult:
-    content: str = ""
-    reasoning_content: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_ms: float = 0.0
-    predicted_ms: float = 0.0
-    finish_reason: str = "length"
-    tokens: list[int] = field(default_factory=list)
-
-    def as_json(self) -> dict:
-        def rate(n: int, ms: float) -> float:
-            return round(n / (ms / 1000.0), 2) if ms > 0 else 0.0
-
-        return {
-            "content": self.content,
-            "reasoning_content": self.reasoning_content,
-            "finish_reason": self.finish_reason,
-            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                      "total_tokens": self.prompt_tokens + self.completion_tokens},
-            "timings": {"prompt_ms": round(self.prompt_ms, 2), "prompt_per_second": rate(self.prompt_tokens, self.prompt_ms),
-                        "predicted_ms": round(self.predicted_ms, 2),
-                        "predicted_per_second": rate(self.completion_tokens, self.predicted_ms)},
-        }
 
 
 def check_gguf(path: Path) -> None:
@@ -156,57 +124,3 @@ def tokenize_prompt(llm, segments: list[Segment]) -> list[int]:
         else:
             tokens += llm.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
     return tokens
-
-
-def special_id(llm, text: str) -> int | None:
-    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    return ids[0] if len(ids) == 1 else None
-
-
-def generate(llm, prompt_tokens: list[int], *, max_tokens: int = 512, temperature: float = 0.7,
-             top_p: float = 0.95, top_k: int = 40, seed: int | None = None) -> Iterator[tuple[str, str]]:
-    """Yield `(channel, text)` pieces, channel "reasoning" or "content"; returns a GenerationResult."""
-    if len(prompt_tokens) >= llm.n_ctx():
-        raise SmallfourError(f"prompt is {len(prompt_tokens)} tokens, the context holds {llm.n_ctx()}")
-    if seed is not None:
-        llm.set_seed(seed)
-    think_open, think_close = special_id(llm, "[THINK]"), special_id(llm, "[/THINK]")
-    eos = llm.token_eos()
-    result = GenerationResult(prompt_tokens=len(prompt_tokens))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    channel = "content"
-    budget = min(max_tokens, llm.n_ctx() - len(prompt_tokens))
-    started = time.perf_counter()
-    first_token_at = None
-    for token in llm.generate(prompt_tokens, temp=temperature, top_p=top_p, top_k=top_k, min_p=0.0,
-                              repeat_penalty=1.0, reset=True):
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        if token == eos:
-            result.finish_reason = "stop"
-            break
-        result.tokens.append(token)
-        result.completion_tokens += 1
-        if token == think_open:
-            channel = "reasoning"
-        elif token == think_close:
-            channel = "content"
-        else:
-            text = decoder.decode(llm.detokenize([token], special=False))
-            if text:
-                if channel == "reasoning":
-                    result.reasoning_content += text
-                else:
-                    result.content += text
-                yield channel, text
-        if result.completion_tokens >= budget:
-            break
-    finished = time.perf_counter()
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        result.content += tail
-        yield "content", tail
-    first_token_at = first_token_at or finished
-    result.prompt_ms = (first_token_at - started) * 1000.0
-    result.predicted_ms = (finished - first_token_at) * 1000.0
-    return result
