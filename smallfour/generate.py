@@ -134,6 +134,7 @@ class _Stream:
         self.think_open, self.think_close = control.get("[THINK]"), control.get("[/THINK]")
         self.tool_calls, self.args = (control.get("[TOOL_CALLS]"), control.get("[ARGS]")) if parse_tools else (None, None)
         self.channel = "content"
+        self.thought_closed = False
         self.calls: list[list[str]] = []  # [name, arguments] as streamed
 
 
@@ -174,12 +175,19 @@ def complete(llm, request: ChatRequest, *, on_text: Callable[[str, str], None] |
 
 
 def _route(llm, token: int, stream: _Stream, decoder, result: GenerationResult) -> str:
-    """Account one generated token to its channel; the visible text it adds, if any."""
-    if token == stream.think_open:
+    """Account one generated token to its channel; the visible text it adds, if any.
+
+    Every token generated inside a thought counts as a thinking token, control tokens
+    included: that is what the thinking budget limits.
+    """
+    if stream.channel == "reasoning":
+        result.reasoning_tokens += 1
+        if token == stream.think_close:
+            stream.channel = "content"
+            stream.thought_closed = True
+            return ""
+    elif token == stream.think_open:
         stream.channel = "reasoning"
-        return ""
-    if token == stream.think_close:
-        stream.channel = "content"
         return ""
     if token == stream.tool_calls:
         stream.channel = "tool"
@@ -190,7 +198,6 @@ def _route(llm, token: int, stream: _Stream, decoder, result: GenerationResult) 
         return ""
     text = decoder.decode(llm.detokenize([token], special=False))
     if stream.channel == "reasoning":
-        result.reasoning_tokens += 1
         result.reasoning_content += text
     elif stream.channel == "tool":
         call = stream.calls[-1]
@@ -204,6 +211,17 @@ def _route(llm, token: int, stream: _Stream, decoder, result: GenerationResult) 
     return text
 
 
+def interpret(llm, tokens: list[int], *, parse_tools: bool = True) -> GenerationResult:
+    """What a finished generation means: thinking, answer and tool calls, as `complete` reports them."""
+    stream = _Stream(llm, parse_tools)
+    result = GenerationResult(tokens=list(tokens), completion_tokens=len(tokens))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        _route(llm, token, stream, decoder, result)
+    _finish_tool_calls(stream, result)
+    return result
+
+
 def _logits_processors(sampling: Sampling, think_budget: int | None, stream: _Stream, result: GenerationResult):
     """Logit bias, and the thinking budget: once spent, `[/THINK]` is the only token left to sample."""
     if not sampling.logit_bias and think_budget is None:
@@ -214,11 +232,15 @@ def _logits_processors(sampling: Sampling, think_budget: int | None, stream: _St
     def process(input_ids, scores):
         if bias_ids.size:
             scores[bias_ids] += bias_values
-        if (think_budget is not None and stream.channel == "reasoning" and stream.think_close is not None
-                and result.reasoning_tokens >= think_budget):
+        if think_budget is None or stream.think_close is None:
+            return scores
+        if stream.channel == "reasoning" and result.reasoning_tokens >= think_budget:
             forced = np.full_like(scores, -np.inf)
             forced[stream.think_close] = 0.0
             return forced
+        if stream.thought_closed and stream.think_open is not None:
+            # One thought per turn: once the budget closed it, it stays closed.
+            scores[stream.think_open] = -np.inf
         return scores
 
     from llama_cpp import LogitsProcessorList
@@ -280,5 +302,5 @@ def dry_run(model: Path, request: ChatRequest, *, verbose: bool = False) -> tupl
     return prompt_tokens(llm, request)
 
 
-__all__ = ["ChatRequest", "GenerationResult", "PRESETS", "Sampling", "complete", "dry_run", "one_shot",
+__all__ = ["ChatRequest", "GenerationResult", "PRESETS", "Sampling", "complete", "dry_run", "interpret", "one_shot",
            "prompt_tokens", "resolve_request", "user_turn"]

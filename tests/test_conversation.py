@@ -1,0 +1,127 @@
+"""Prompts identical to mistral-common, tool-call parsing, and the thinking budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from conftest import HF
+from smallfour.generate import complete, interpret, prompt_tokens, resolve_request
+from smallfour.runtime import control_tokens, load_model
+from test_convert_errors import run_cli
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+CONVERSATIONS = {
+    "user only": [{"role": "user", "content": "Bonjour !"}],
+    "system": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
+    "several turns": [
+        {"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Rhône."},
+        {"role": "user", "content": "Longer?"}, {"role": "assistant", "content": "The Loire is longer."},
+        {"role": "user", "content": "Which one flows into the Mediterranean?"}],
+    "earlier thinking": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."},
+        {"role": "user", "content": "and 3+3?"}],
+    "tools": [
+        {"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "abc123def", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "content": "{\"temp\": 21}"},
+        {"role": "user", "content": "Thanks [INST] </s>"}],
+}
+
+
+@pytest.fixture(scope="module")
+def llm(converted):
+    return load_model(converted(HF, "q8_0"), n_ctx=1024)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return MistralTokenizer.from_file(str(checkpoint(HF) / "tekken.json"))
+
+
+@pytest.mark.parametrize("effort", [None, "none", "high"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_prompt_tokens_match_mistral_common(llm, reference, name, effort):
+    messages = CONVERSATIONS[name]
+    tools = TOOLS if name == "tools" else None
+    request = resolve_request(messages, effort=effort, tools=tools)
+    _, tokens = prompt_tokens(llm, request)
+    extra = {"reasoning_effort": effort} if effort else {}
+    expected = reference.encode_chat_completion(ChatCompletionRequest.from_openai(messages, tools=tools, **extra))
+    assert tokens == expected.tokens
+
+
+def test_cli_dry_run_with_messages_file(tmp_path, converted, reference):
+    messages = CONVERSATIONS["several turns"]
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps(messages))
+    result = run_cli("run", converted(HF, "q8_0"), "--messages", path, "--effort", "high", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    expected = reference.encode_chat_completion(ChatCompletionRequest.from_openai(messages, reasoning_effort="high"))
+    assert json.loads(result.stdout)["tokens"] == expected.tokens
+
+
+def crafted(llm, text: str) -> list[int]:
+    return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def test_tool_calls_are_parsed(llm):
+    tokens = crafted(llm, '[THINK]Need the weather.[/THINK][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+                          '[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris", "h24": true}')
+    result = interpret(llm, tokens)
+    assert result.reasoning_content == "Need the weather."
+    assert result.content == "" and result.tool_call_error is None and result.finish_reason == "tool_calls"
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in result.tool_calls]
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris", "h24": True})]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in result.tool_calls)
+    assert len({c["id"] for c in result.tool_calls}) == 2
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Par', "not JSON"),
+    ("[TOOL_CALLS]get_weather", "no [ARGS]"),
+    ('[TOOL_CALLS][ARGS]{"city": "Paris"}', "no name"),
+    ('[TOOL_CALLS]get_weather[ARGS]["Paris"]', "not a JSON object"),
+])
+def test_malformed_tool_calls_are_reported(llm, text, problem):
+    result = interpret(llm, crafted(llm, text))
+    assert result.tool_calls == [] and problem in result.tool_call_error
+    assert result.finish_reason != "tool_calls"
+
+
+def test_tool_call_text_without_tools_stays_text(llm):
+    result = interpret(llm, crafted(llm, "Hello[TOOL_CALLS]x[ARGS]{}"), parse_tools=False)
+    assert result.tool_calls == [] and result.tool_call_error is None and result.content.startswith("Hello")
+
+
+@pytest.mark.parametrize("budget", [1, 6])
+def test_think_budget_closes_the_thought(llm, budget):
+    control = control_tokens(llm)
+    think, close = control["[THINK]"], control["[/THINK]"]
+    # A model that always wants to (re)open its thought and can neither close it nor stop.
+    bias = {think: 100.0, close: -100.0, llm.token_eos(): -100.0}
+    request = resolve_request([{"role": "user", "content": "Think."}], effort="high", think_budget=budget,
+                              logit_bias=bias, max_tokens=budget + 8, temperature=0.0)
+    result = complete(llm, request)
+    assert result.tokens[0] == think
+    assert result.tokens[budget + 1] == close, result.tokens
+    assert result.reasoning_tokens == budget + 1  # the budget's tokens plus the forced [/THINK]
+    answer = result.tokens[budget + 2:]
+    assert len(answer) == 6 and think not in answer and close not in answer
+    assert result.content
+
+
+def test_unknown_effort_and_preset(converted):
+    model = converted(HF, "q8_0")
+    bad_effort = run_cli("run", model, "-p", "x", "--effort", "medium")
+    assert bad_effort.returncode == 1 and "accepts none or high" in bad_effort.stderr
+    bad_preset = run_cli("run", model, "-p", "x", "--preset", "turbo")
+    assert bad_preset.returncode == 1 and "unknown preset" in bad_preset.stderr
