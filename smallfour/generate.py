@@ -142,6 +142,13 @@ def complete(llm, request: ChatRequest, *, on_text: Callable[[str, str], None] |
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate one assistant turn. `on_text(channel, text)` gets "reasoning" and "content" pieces."""
     _, tokens = prompt_tokens(llm, request)
+    return continue_tokens(llm, tokens, request, on_text=on_text, should_stop=should_stop)
+
+
+def continue_tokens(llm, tokens: list[int], request: ChatRequest, *,
+                    on_text: Callable[[str, str], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    """Generate after already-tokenized prompt `tokens`, with the request's sampling and budget."""
     sampling = request.sampling
     if len(tokens) >= llm.n_ctx():
         raise SmallfourError(f"prompt is {len(tokens)} tokens, the context holds {llm.n_ctx()}")
@@ -302,5 +309,6 @@ def dry_run(model: Path, request: ChatRequest, *, verbose: bool = False) -> tupl
     return prompt_tokens(llm, request)
 
 
-__all__ = ["ChatRequest", "GenerationResult", "PRESETS", "Sampling", "complete", "dry_run", "interpret", "one_shot",
+__all__ = ["ChatRequest", "GenerationResult", "PRESETS", "Sampling", "complete", "continue_tokens", "dry_run",
+           "interpret", "one_shot",
            "prompt_tokens", "resolve_request", "user_turn"]
