@@ -14,7 +14,6 @@ noise, and the median of each is reported.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import os
 import platform

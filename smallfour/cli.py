@@ -9,13 +9,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
-from convert.errors import ConversionError
+from smallfour.batch import batch_command
+from smallfour.chat import chat_command
+from smallfour.doctor import doctor_command
 from smallfour.errors import SmallfourError
+from smallfour.options import (CPU_EXPERTS, FLASH_ATTN, FORCE_LOAD, GENERATION_HELP, GPU_LAYERS, GPUS, KV_TYPE,
+                               MAIN_GPU, OVERRIDE_TENSOR, PLAN, SPLIT_MODE, TENSOR_SPLIT, VERBOSE, err, out,
+                               placement_for, read_json_file, reports_errors)
+from smallfour.plan_cli import plan as plan_command
+from smallfour.pull import pull_command
+from smallfour.store import models_command, rm_command
 
 app = typer.Typer(
     help="Run Mistral Small 4 locally: convert released weights to GGUF and run them with llama.cpp.",
@@ -23,63 +30,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
-
-VERBOSE = typer.Option(False, "-v", "--verbose", help="Show llama.cpp's own log on stderr.")
-
-# Placement options shared by every command that loads a model.
-PLACEMENT_HELP = "Placement"
-CPU_EXPERTS = typer.Option("none", "--cpu-experts", rich_help_panel=PLACEMENT_HELP,
-                           help="Keep routed experts in CPU RAM: all, none, or N = those of the first N layers "
-                                "(llama.cpp's --n-cpu-moe convention).")
-OVERRIDE_TENSOR = typer.Option(None, "--override-tensor", "-ot", rich_help_panel=PLACEMENT_HELP,
-                               help="REGEX=DEVICE: put matching tensors on DEVICE (CPU, CUDA0, …); repeatable, "
-                                    "llama.cpp's syntax.")
-GPU_LAYERS = typer.Option(-1, "--gpu-layers", "-ngl", rich_help_panel=PLACEMENT_HELP,
-                          help="Layers to offload to GPU(s); -1 = all, 0 = CPU only.")
-GPUS = typer.Option(None, "--gpus", rich_help_panel=PLACEMENT_HELP,
-                    help="Use the first N GPUs, split evenly; 0 = CPU only.")
-TENSOR_SPLIT = typer.Option(None, "--tensor-split", rich_help_panel=PLACEMENT_HELP,
-                            help="Share of the model per GPU, e.g. 1,1,1,1 or 3,1.")
-SPLIT_MODE = typer.Option("layer", "--split-mode", rich_help_panel=PLACEMENT_HELP,
-                          help="How to split across GPUs: layer, row or none.")
-MAIN_GPU = typer.Option(0, "--main-gpu", rich_help_panel=PLACEMENT_HELP,
-                        help="GPU for the whole model with --split-mode none, and for scratch buffers.")
-KV_TYPE = typer.Option("f16", "--kv-type", rich_help_panel=PLACEMENT_HELP,
-                       help="KV cache type: f16, bf16, q8_0 or f32. Mistral Small 4 caches only the MLA latent "
-                            "(23 KB per token in f16).")
-FLASH_ATTN = typer.Option(False, "--flash-attn/--no-flash-attn", rich_help_panel=PLACEMENT_HELP,
-                          help="Use flash attention.")
-
-
-def placement_from_options(cpu_experts: str, override_tensor: list[str] | None, gpu_layers: int, gpus: int | None,
-                           tensor_split: str | None, split_mode: str, main_gpu: int, flash_attn: bool):
-    from smallfour.placement import Placement, parse_override, parse_tensor_split, split_for_gpus
-
-    layers_override, split = split_for_gpus(gpus, parse_tensor_split(tensor_split))
-    return Placement(n_gpu_layers=gpu_layers if layers_override is None else layers_override, split_mode=split_mode,
-                     main_gpu=main_gpu, tensor_split=split, cpu_experts=cpu_experts,
-                     overrides=tuple(parse_override(o) for o in override_tensor or ()), flash_attn=flash_attn)
-
-
-def reports_errors(command):
-    """Turn our errors into one red line on stderr and exit code 1; Ctrl-C into exit code 130."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (SmallfourError, ConversionError) as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
 class ConversionProgress:
     """Rich bars for bytes read and tensors written."""
 
@@ -104,17 +54,20 @@ def _progress_bars() -> Progress:
 @app.command()
 @reports_errors
 def convert(
-    source: Path = typer.Argument(..., help="Checkpoint directory: Hugging Face layout (config.json) "
-                                           "or Mistral layout (params.json), BF16 or FP8."),
+    source: str = typer.Argument(..., help="Checkpoint directory: Hugging Face layout (config.json) "
+                                          "or Mistral layout (params.json), BF16 or FP8; or a pulled repo id "
+                                          "OWNER/NAME\\[@REVISION]."),
     output: Path = typer.Option(..., "-o", "--output", help="GGUF file to write."),
     recipe: str = typer.Option("bf16", "--recipe", help="Output type: f32, f16, bf16 or q8_0."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
     """Convert a released checkpoint to a GGUF file llama.cpp can run."""
     from convert.writer import convert_checkpoint
+    from smallfour.store import resolve_checkpoint
 
     with _progress_bars() as bars:
-        report = convert_checkpoint(source, output, recipe, force=force, progress=ConversionProgress(bars))
+        report = convert_checkpoint(resolve_checkpoint(source), output, recipe, force=force,
+                                    progress=ConversionProgress(bars))
     for line in report.fallbacks:
         err.print(f"[yellow]fallback[/] {line}", highlight=False)
     err.print(f"wrote {report.output} ({report.tensors} tensors, {report.output_bytes / 1e6:.1f} MB of weights "
@@ -154,15 +107,6 @@ def inspect(
     out.print(roles)
 
 
-def read_json_file(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SmallfourError(f"cannot read {what} file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise SmallfourError(f"{what} file {path} is not valid JSON: {exc}") from None
-
-
 def request_messages(prompt: str | None, messages_file: Path | None, system: str | None) -> list[dict]:
     """The conversation from --messages, or one user turn from -p / stdin."""
     if messages_file is not None:
@@ -177,20 +121,20 @@ def request_messages(prompt: str | None, messages_file: Path | None, system: str
         if prompt is None:
             if sys.stdin.isatty():
                 raise SmallfourError("no prompt: pass -p TEXT, --messages FILE, or pipe the prompt on stdin")
-            prompt = sys.stdin.read()
+            prompt = sys.stdin.read().strip()
+            if not prompt:
+                raise SmallfourError("the prompt on stdin is empty")
         messages = [{"role": "user", "content": prompt}]
     if system is not None:
         messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
     return messages
 
 
-GENERATION_HELP = "Generation"
-
-
 @app.command()
 @reports_errors
 def run(
-    model: Path = typer.Argument(..., help="GGUF file."),
+    model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF repo "
+                                          "OWNER/NAME\\[@REVISION]\\[:QUANT]."),
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The user message; read from stdin if omitted."),
     messages_file: Optional[Path] = typer.Option(None, "--messages", help="A JSON file with a whole conversation "
                                                                            "(OpenAI-style messages) instead of -p."),
@@ -203,7 +147,7 @@ def run(
     effort: Optional[str] = typer.Option(None, "--effort", rich_help_panel=GENERATION_HELP,
                                          help="Reasoning effort: none or high (overrides the preset's)."),
     think_budget: Optional[int] = typer.Option(None, "--think-budget", rich_help_panel=GENERATION_HELP,
-                                               help="Most thinking tokens; then [/THINK] is forced and the model "
+                                               help="Most thinking tokens; then \\[/THINK] is forced and the model "
                                                     "answers."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, rich_help_panel=GENERATION_HELP,
                                              help="Most tokens to generate, thinking included."),
@@ -230,6 +174,8 @@ def run(
     main_gpu: int = MAIN_GPU,
     kv_type: str = KV_TYPE,
     flash_attn: bool = FLASH_ATTN,
+    plan: str = PLAN,
+    force: bool = FORCE_LOAD,
     verbose: bool = VERBOSE,
 ) -> None:
     """Answer one prompt (or continue a conversation), streaming the reply to stdout.
@@ -238,7 +184,9 @@ def run(
     """
     from smallfour.generate import dry_run as render_only
     from smallfour.generate import one_shot, resolve_request
+    from smallfour.store import resolve_gguf
 
+    model = resolve_gguf(model)
     tools = read_json_file(tools_file, "tools") if tools_file is not None else None
     request = resolve_request(request_messages(prompt, messages_file, system), preset=preset, effort=effort,
                               think_budget=think_budget, tools=tools, max_tokens=max_tokens,
@@ -247,8 +195,10 @@ def run(
         text, tokens = render_only(model, request, verbose=verbose)
         print(json.dumps({"prompt": text, "tokens": tokens}, ensure_ascii=False) if as_json else text)
         return
-    placement = placement_from_options(cpu_experts, override_tensor, gpu_layers, gpus, tensor_split, split_mode,
-                                       main_gpu, flash_attn)
+    placement = placement_for(model, n_ctx=ctx, kv_type=kv_type, cpu_experts=cpu_experts,
+                              override_tensor=override_tensor, gpu_layers=gpu_layers, gpus=gpus,
+                              tensor_split=tensor_split, split_mode=split_mode, main_gpu=main_gpu,
+                              flash_attn=flash_attn, plan=plan, force=force)
     stream = None if as_json else functools.partial(_stream, hide_thinking=hide_thinking)
     result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=kv_type, placement=placement,
                       on_text=stream)
@@ -286,7 +236,13 @@ def demo(
 
 
 # Commands defined in their own modules register here, one line each.
-app.command(name="plan")(reports_errors(__import__("smallfour.plan_cli", fromlist=["plan"]).plan))
+app.command(name="chat")(reports_errors(chat_command))
+app.command(name="batch")(reports_errors(batch_command))
+app.command(name="pull")(reports_errors(pull_command))
+app.command(name="models")(reports_errors(models_command))
+app.command(name="rm")(reports_errors(rm_command))
+app.command(name="doctor")(reports_errors(doctor_command))
+app.command(name="plan")(reports_errors(plan_command))
 
 
 def main() -> None:

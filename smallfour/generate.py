@@ -100,7 +100,8 @@ class GenerationResult:
                       "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}},
             "timings": {"prompt_ms": round(self.prompt_ms, 2), "prompt_per_second": rate(self.prompt_tokens, self.prompt_ms),
                         "predicted_ms": round(self.predicted_ms, 2),
-                        "predicted_per_second": rate(self.completion_tokens, self.predicted_ms)},
+                        # the first token is timed with the prompt
+                        "predicted_per_second": rate(self.completion_tokens - 1, self.predicted_ms)},
         }
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
@@ -152,8 +153,10 @@ def continue_tokens(llm, tokens: list[int], request: ChatRequest, *,
     sampling = request.sampling
     if len(tokens) >= llm.n_ctx():
         raise SmallfourError(f"prompt is {len(tokens)} tokens, the context holds {llm.n_ctx()}")
-    if sampling.seed is not None:
-        llm.set_seed(sampling.seed)
+    # Without a seed each request samples afresh; a previous request's seed must not carry over.
+    import llama_cpp
+
+    llm.set_seed(sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
     stream = _Stream(llm, parse_tools=bool(request.tools))
     result = GenerationResult(prompt_tokens=len(tokens))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -172,7 +175,10 @@ def continue_tokens(llm, tokens: list[int], request: ChatRequest, *,
         text = _route(llm, token, stream, decoder, result)
         if text and on_text is not None:
             on_text(stream.channel, text)
-        if result.completion_tokens >= budget or (should_stop is not None and should_stop()):
+        if should_stop is not None and should_stop():
+            result.finish_reason = "interrupted"
+            break
+        if result.completion_tokens >= budget:
             break
     finished = time.perf_counter()
     first_token_at = first_token_at or finished

@@ -81,56 +81,80 @@ def expert_overrides(cpu_experts: str, n_layers: int) -> list[tuple[str, str]]:
     return [(rf"^blk\.({layers})\.{EXPERT_TENSORS}\.", "CPU")]
 
 
+def _library(lib_dir: Path, name: str) -> ctypes.CDLL:
+    candidates = sorted(lib_dir.glob(f"lib{name}.so*")) + sorted(lib_dir.glob(f"lib{name}.dylib")) + \
+        sorted(lib_dir.glob(f"{name}.dll"))
+    return ctypes.CDLL(str(candidates[0] if candidates else lib_dir / f"lib{name}.so"))
+
+
 def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml (device registry) and libggml-base (device/buffer-type accessors) of llama-cpp-python."""
+    """libggml (backend registry) and libggml-base (device/buffer-type accessors) of llama-cpp-python."""
     import llama_cpp
 
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    ggml = ctypes.CDLL(str(next(lib_dir.glob("libggml.so*"), lib_dir / "libggml.so")))
-    base = ctypes.CDLL(str(next(lib_dir.glob("libggml-base.so*"), lib_dir / "libggml-base.so")))
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    for name in ("ggml_backend_dev_buffer_type", "ggml_backend_dev_host_buffer_type"):
-        getattr(base, name).argtypes = [ctypes.c_void_p]
-        getattr(base, name).restype = ctypes.c_void_p
-    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_buft_name.restype = ctypes.c_char_p
-    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
-        getattr(base, name).argtypes = [ctypes.c_void_p]
-        getattr(base, name).restype = ctypes.c_char_p
-    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_dev_type.restype = ctypes.c_int
-    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                             ctypes.POINTER(ctypes.c_size_t)]
+    ggml, base = _library(lib_dir, "ggml"), _library(lib_dir, "ggml-base")
+    size_t, ptr, text = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
+    ggml.ggml_backend_reg_count.restype = size_t
+    ggml.ggml_backend_reg_get.argtypes, ggml.ggml_backend_reg_get.restype = [size_t], ptr
+    ggml.ggml_backend_dev_count.restype = size_t
+    ggml.ggml_backend_dev_get.argtypes, ggml.ggml_backend_dev_get.restype = [size_t], ptr
+    for name in ("ggml_backend_dev_buffer_type", "ggml_backend_dev_host_buffer_type", "ggml_backend_dev_backend_reg"):
+        getattr(base, name).argtypes, getattr(base, name).restype = [ptr], ptr
+    for name in ("ggml_backend_buft_name", "ggml_backend_dev_name", "ggml_backend_dev_description",
+                 "ggml_backend_reg_name"):
+        getattr(base, name).argtypes, getattr(base, name).restype = [ptr], text
+    base.ggml_backend_dev_type.argtypes, base.ggml_backend_dev_type.restype = [ptr], ctypes.c_int
+    base.ggml_backend_dev_memory.argtypes = [ptr, ctypes.POINTER(size_t), ctypes.POINTER(size_t)]
+    base.ggml_backend_dev_memory.restype = None
     return ggml, base
 
 
-# enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL
-GPU_DEVICE_TYPES = (1, 2)
+# enum ggml_backend_dev_type
+DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "accelerator", 4: "meta"}
 
 
 @dataclass(frozen=True)
 class Device:
     name: str
     description: str
+    kind: str  # a value of DEVICE_KINDS
+    backend: str
     free_bytes: int
     total_bytes: int
 
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in ("GPU", "iGPU")
 
-def gpu_devices() -> list[Device]:
-    """The GPUs this llama.cpp build can use, with their memory as the driver reports it."""
+
+def _text(value: bytes | None) -> str:
+    return (value or b"").decode("utf-8", errors="replace")
+
+
+def backend_names() -> list[str]:
+    """The backends this llama.cpp build registered (CPU, CUDA, Metal, Vulkan, …)."""
+    ggml, base = _ggml()
+    return [_text(base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i))) for i in range(ggml.ggml_backend_reg_count())]
+
+
+def backend_devices() -> list[Device]:
+    """Every device of this llama.cpp build, with its memory as the driver reports it."""
     ggml, base = _ggml()
     found = []
     for index in range(ggml.ggml_backend_dev_count()):
         device = ggml.ggml_backend_dev_get(index)
-        if base.ggml_backend_dev_type(device) not in GPU_DEVICE_TYPES:
-            continue
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         base.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
-        found.append(Device(base.ggml_backend_dev_name(device).decode(),
-                            base.ggml_backend_dev_description(device).decode(), free.value, total.value))
+        found.append(Device(_text(base.ggml_backend_dev_name(device)), _text(base.ggml_backend_dev_description(device)),
+                            DEVICE_KINDS.get(base.ggml_backend_dev_type(device), "unknown"),
+                            _text(base.ggml_backend_reg_name(base.ggml_backend_dev_backend_reg(device))),
+                            free.value, total.value))
     return found
+
+
+def gpu_devices() -> list[Device]:
+    """The GPUs this llama.cpp build can use."""
+    return [d for d in backend_devices() if d.is_gpu]
 
 
 def split_for_gpus(gpus: int | None, tensor_split: tuple[float, ...] | None) -> tuple[int | None, tuple[float, ...] | None]:

@@ -52,11 +52,10 @@ def check_gguf(path: Path) -> None:
 
 def block_count(path: Path) -> int:
     """The layer count from the GGUF header (read without loading weights)."""
-    from gguf import GGUFReader
+    from smallfour.plan import read_gguf_header
 
-    fields = GGUFReader(path).fields
-    arch = fields["general.architecture"].contents()
-    return int(fields[f"{arch}.block_count"].contents())
+    fields, _ = read_gguf_header(path)
+    return int(fields[f"{fields['general.architecture']}.block_count"])
 
 
 def load_model(path: Path, *, n_ctx: int = 4096, seed: int | None = None, verbose: bool = False,
@@ -71,6 +70,9 @@ def load_model(path: Path, *, n_ctx: int = 4096, seed: int | None = None, verbos
     if kv_type not in KV_TYPES:
         raise SmallfourError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
     placement = placement or Placement()
+    if kv_type not in ("f16", "bf16", "f32") and not placement.flash_attn:
+        raise SmallfourError(f"--kv-type {kv_type} needs --flash-attn: llama.cpp quantizes the V cache only with "
+                             "flash attention")
     if placement.split_mode not in SPLIT_MODES:
         raise SmallfourError(f"unknown split mode {placement.split_mode!r}; choose one of {', '.join(SPLIT_MODES)}")
     overrides = list(placement.overrides)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -88,14 +87,18 @@ def test_verbose_shows_llama_log_and_quiet_hides_it(converted):
     assert "llama" not in quiet.stderr and quiet.stderr.strip() == ""
 
 
-def test_run_errors(tmp_path):
+def test_run_errors(tmp_path, converted):
     assert_one_line_error(run_cli("run", tmp_path / "missing.gguf", "-p", "x"), "does not exist")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
     assert_one_line_error(run_cli("run", junk, "-p", "x"), "is not a GGUF file")
+    bad_header = tmp_path / "bad-header.gguf"
+    bad_header.write_bytes(b"GGUF" + b"\0" * 64)
+    assert_one_line_error(run_cli("run", bad_header, "-p", "x"), "bad-header.gguf is not a little-endian GGUF")
+    whole = converted(HF, "q8_0").read_bytes()
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(b"GGUF" + b"\0" * 64)
-    assert_one_line_error(run_cli("run", truncated, "-p", "x"), "could not load")
+    truncated.write_bytes(whole[:len(whole) // 2])
+    assert_one_line_error(run_cli("run", truncated, "-p", "x"), "could not load truncated.gguf")
 
 
 def test_demo_runs_end_to_end(checkpoint):
@@ -104,3 +107,11 @@ def test_demo_runs_end_to_end(checkpoint):
     assert result.returncode == 0, result.stderr
     assert "converted to GGUF (q8_0)" in result.stderr and "running through llama.cpp" in result.stderr
     assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "run", "demo", "chat", "batch", "pull", "models", "rm",
+                                     "doctor", "plan"])
+def test_every_command_explains_itself(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "Usage:" in result.stdout and "--help" in result.stdout

@@ -6,7 +6,8 @@ import json
 import re
 
 import pytest
-from gguf import GGUFReader
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from conftest import DENSE_SHARED, HF
 from test_convert_errors import assert_one_line_error, run_cli
@@ -68,6 +69,8 @@ def test_generation_identical_with_and_without_overrides(converted):
     (("--tensor-split", "1,x"), "comma-separated numbers"),
     (("--split-mode", "diagonal"), "unknown split mode"),
     (("--kv-type", "q2_k"), "unknown KV cache type"),
+    (("--kv-type", "q8_0", "--flash-attn"), "cached width (48) to be a multiple of 32"),
+    (("--plan", "maybe"), "expected auto or check"),
 ])
 def test_placement_errors(converted, flags, message):
     assert_one_line_error(run_cli("run", converted(HF, "q8_0"), "-p", "x", "-n", "1", *flags), message)
@@ -78,3 +81,68 @@ def test_gpus_on_a_cpu_build(converted):
     assert_one_line_error(run_cli("run", model, "-p", "x", "-n", "1", "--gpus", "1"), "sees 0 GPU(s)")
     cpu_only = run_cli("run", model, "-p", "x", "-n", "1", "--gpus", "0", "--json")
     assert cpu_only.returncode == 0 and json.loads(cpu_only.stdout)["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("flags", [("--plan", "auto"), ("--cpu-experts", "auto")])
+def test_planned_placement_generates_the_same(converted, flags):
+    model = converted(HF, "q8_0")
+    common = ("run", model, "-p", "Quelle heure est-il ?", "-n", "12", "--temperature", "0", "--json")
+    plain = json.loads(run_cli(*common).stdout)
+    planned = run_cli(*common, *flags)
+    assert planned.returncode == 0, planned.stderr
+    assert "plan: --ctx 4096" in planned.stderr  # the planner's decision is shown as run flags
+    assert json.loads(planned.stdout)["content"] == plain["content"]
+
+
+def write_oversized_gguf(path) -> None:
+    """A mistral4 GGUF header announcing 1 TiB of routed experts (the data is never written)."""
+    writer = GGUFWriter(str(path), "mistral4")
+    writer.add_block_count(1)
+    writer.add_embedding_length(4096)
+    writer.add_head_count(32)
+    writer.add_kv_lora_rank(512)
+    writer.add_rope_dimension_count(64)
+    writer.add_expert_count(128)
+    writer.add_expert_used_count(4)
+    writer.add_expert_feed_forward_length(1 << 20)
+    writer.add_vocab_size(1000)
+    shape = (128, 1 << 20, 4096)
+    writer.add_tensor_info("blk.0.ffn_down_exps.weight", shape, np.dtype(np.float16), 2 * int(np.prod(shape)),
+                           raw_dtype=GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "batch"])
+def test_a_model_that_cannot_fit_is_refused_before_loading(tmp_path, command):
+    model = tmp_path / "oversized.gguf"
+    write_oversized_gguf(model)
+    args = {"run": ("-p", "hi"), "chat": (), "batch": (str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"))}
+    (tmp_path / "in.jsonl").write_text("")
+    assert_one_line_error(run_cli(command, model, *args[command]), "oversized.gguf: does not fit", "--force")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_force_loads_past_the_planner(converted):
+    from smallfour.errors import SmallfourError
+    from smallfour.options import placement_for
+    from smallfour.plan import Device, Hardware
+
+    tiny = Hardware("tiny", (), Device("CPU RAM 1 MiB", "cpu", 1 << 20, 50e9))
+    flags = dict(n_ctx=256, kv_type="f16", cpu_experts="none", override_tensor=None, gpu_layers=-1, gpus=None,
+                 tensor_split=None, split_mode="layer", main_gpu=0, flash_attn=False, plan="check", hardware=tiny)
+    model = converted(HF, "q8_0")
+    with pytest.raises(SmallfourError, match="does not fit"):
+        placement_for(model, force=False, **flags)
+    assert placement_for(model, force=True, **flags).n_gpu_layers == -1
+
+
+def test_quantized_kv_cache_needs_flash_attention(converted):
+    from smallfour.errors import SmallfourError
+    from smallfour.placement import Placement
+    from smallfour.runtime import load_model
+
+    with pytest.raises(SmallfourError, match="needs --flash-attn"):
+        load_model(converted(HF, "q8_0"), kv_type="q8_0", placement=Placement(flash_attn=False))

@@ -1,0 +1,699 @@
+"""Batch jobs in the OpenAI Batch format: a JSONL of chat requests in, a JSONL of results out.
+
+Each input line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {…}}`
+with an OpenAI chat-completions body; each output line is `{"id", "custom_id", "response":
+{"status_code", "request_id", "body": <chat.completion>}, "error": null}`, or, for a line that
+cannot run, `{"id", "custom_id", "response": null, "error": {"code", "message"}}`. That is what
+OpenAI's Batch API and vLLM's `run_batch` read and write, so one file runs on either.
+
+The job survives crashes: every output line is appended, flushed and fsynced as soon as its
+request finishes, and `resume` counts the `custom_id`s already in the output (successes and
+errors alike) so a second run does only what is left. A line cut short by a crash is dropped
+first. Input lines are matched to output lines by `custom_id` and occurrence: the second line
+with the same `custom_id` is an error line of its own, and so are lines without a usable
+`custom_id`, counted as the `custom_id` null.
+
+One model serves every request; llama.cpp reuses the KV cache for the prompt prefix two
+consecutive requests share (a common system prompt, say).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shlex
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Optional
+
+import typer
+
+from smallfour.errors import SmallfourError
+from smallfour.options import (CPU_EXPERTS, FLASH_ATTN, FORCE_LOAD, GENERATION_HELP, GPU_LAYERS, GPUS, KV_TYPE,
+                               MAIN_GPU, OVERRIDE_TENSOR, PLAN, SPLIT_MODE, TENSOR_SPLIT, VERBOSE, err,
+                               placement_for)
+
+if TYPE_CHECKING:
+    from smallfour.generate import ChatRequest, GenerationResult
+
+URL = "/v1/chat/completions"
+METHOD = "POST"
+MAX_STOP = 4
+ROLES = ("system", "user", "assistant", "tool")
+# Body fields a chat-completions request may carry that change nothing here (or only in their
+# default form, checked in `_unsupported`); any other field is ignored as well, as vLLM does.
+_UNSUPPORTED_UNLESS_DEFAULT = {
+    "n": (None, 1),
+    "stream": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+}
+
+
+class LineError(Exception):
+    """Why one input line cannot run: an OpenAI-style error code and a message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Job:
+    """One non-blank input line: a request to run, or the error line to write for it."""
+
+    line_no: int
+    custom_id: str | None
+    request: ChatRequest | None = None
+    stop: tuple[str, ...] = ()
+    error: LineError | None = None
+
+
+@dataclass
+class BatchSummary:
+    total: int = 0          # non-blank input lines
+    skipped: int = 0        # already in the output (resume)
+    succeeded: int = 0
+    failed: int = 0         # error lines written in this run
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def done(self) -> int:
+        return self.skipped + self.succeeded + self.failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: lines → jobs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _number(body: dict, name: str, low: float, high: float | None) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or value < low or (high is not None and value > high):
+        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise LineError("invalid_request", f"body.{name} must be a number {bound}, got {json.dumps(value)}")
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or (low is not None and value < low):
+        bound = f" of at least {low}" if low is not None else ""
+        raise LineError("invalid_request", f"body.{name} must be an integer{bound}, got {json.dumps(value)}")
+    return value
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise LineError("invalid_request", "body.messages must be a non-empty list of messages")
+    for i, message in enumerate(messages):
+        where = f"body.messages[{i}]"
+        if not isinstance(message, dict):
+            raise LineError("invalid_request", f"{where} must be an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise LineError("invalid_request", f"{where}.role must be one of {', '.join(ROLES)}, "
+                                               f"got {json.dumps(role)}")
+        content = message.get("content")
+        if content is None:
+            if role != "assistant":
+                raise LineError("invalid_request", f"{where} ({role}) has no content")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("image_url", "image", "input_image", "input_audio"):
+                    raise LineError("invalid_request", f"{where}.content[{j}] is an {kind}: batch jobs take "
+                                                       "text only for now")
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise LineError("invalid_request", f"{where}.content[{j}] must be {{\"type\": \"text\", "
+                                                       f"\"text\": …}}")
+        elif not isinstance(content, str):
+            raise LineError("invalid_request", f"{where}.content must be a string or a list of text parts")
+    return messages
+
+
+def _tools(body: dict) -> list | None:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise LineError("invalid_request", "body.tools must be a list of {\"type\": \"function\", "
+                                           "\"function\": {\"name\", …}} objects")
+    if choice == "none":
+        return None
+    if choice not in (None, "auto"):
+        raise LineError("invalid_request", f"body.tool_choice {json.dumps(choice)} is not supported; "
+                                           "use \"auto\" or \"none\"")
+    return tools or None
+
+
+def _logit_bias(body: dict, n_vocab: int | None) -> dict[int, float] | None:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise LineError("invalid_request", "body.logit_bias must be an object {\"TOKEN_ID\": BIAS}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise LineError("invalid_request", f"body.logit_bias key {json.dumps(key)} is not a token id") from None
+        if token < 0 or (n_vocab is not None and token >= n_vocab):
+            raise LineError("invalid_request", f"body.logit_bias token id {token} is outside the vocabulary"
+                                               + (f" (0–{n_vocab - 1})" if n_vocab else ""))
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise LineError("invalid_request", f"body.logit_bias[{json.dumps(key)}] must be a number between "
+                                               f"-100 and 100, got {json.dumps(value)}")
+        out[token] = float(value)
+    return out
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or not 1 <= len(stop) <= MAX_STOP
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise LineError("invalid_request", f"body.stop must be a non-empty string or a list of 1 to {MAX_STOP} "
+                                           "non-empty strings")
+    return tuple(stop)
+
+
+def _unsupported(body: dict) -> None:
+    for name, defaults in _UNSUPPORTED_UNLESS_DEFAULT.items():
+        value = body.get(name)
+        if not any(value is d or (value == d and type(value) is type(d)) for d in defaults):
+            raise LineError("invalid_request", f"body.{name} = {json.dumps(value)} is not supported by smallfour "
+                                               "batch jobs")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise LineError("invalid_request", "body.response_format is not supported (only {\"type\": \"text\"})")
+
+
+def request_from_body(body: Any, *, preset: str | None = None, think_budget: int | None = None,
+                      n_vocab: int | None = None) -> tuple[ChatRequest, tuple[str, ...]]:
+    """The ChatRequest (and stop strings) for one chat-completions body; LineError if it cannot run.
+
+    `reasoning_effort` picks the defaults: "high" thinks with the `think` preset's sampling (or
+    `preset`'s, if that thinks too), "none" answers with the `instant` preset's; without it the
+    line gets `preset`. Fields in the body override the preset's values.
+    """
+    from smallfour.generate import EFFORTS, PRESETS, resolve_request
+
+    if not isinstance(body, dict):
+        raise LineError("invalid_request", "body must be a JSON object (a chat-completions request)")
+    messages = _messages(body)
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in EFFORTS:
+        raise LineError("invalid_request", f"body.reasoning_effort {json.dumps(effort)}: Mistral Small 4 accepts "
+                                           f"{' or '.join(json.dumps(e) for e in EFFORTS)}")
+    _unsupported(body)
+    base = preset or "instant"
+    if base not in PRESETS:
+        raise SmallfourError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}")
+    if effort is not None and PRESETS[base].effort != effort:
+        base = "think" if effort == "high" else "instant"
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    top_k = _integer(body, "top_k", -1)
+    sampling = dict(max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0),
+                    top_p=_number(body, "top_p", 0.0, 1.0), min_p=_number(body, "min_p", 0.0, 1.0),
+                    top_k=0 if top_k == -1 else top_k,  # vLLM spells "no limit" -1
+                    seed=_integer(body, "seed"), logit_bias=_logit_bias(body, n_vocab))
+    stop = _stop(body)
+    tools = _tools(body)
+    thinks = (effort or PRESETS[base].effort) == "high"
+    request = resolve_request(messages, preset=base, effort=effort, think_budget=think_budget if thinks else None,
+                              tools=tools, **sampling)
+    return request, stop
+
+
+def parse_line(text: str | bytes, line_no: int, *, preset: str | None = None, think_budget: int | None = None,
+               n_vocab: int | None = None) -> Job:
+    """One input line as a Job (duplicates are found by `parse_jobs`, which sees every line)."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        item = json.loads(text)
+    except UnicodeDecodeError:
+        return Job(line_no, None, error=LineError("invalid_json", f"line {line_no} is not UTF-8 text"))
+    except json.JSONDecodeError as exc:
+        return Job(line_no, None, error=LineError("invalid_json", f"line {line_no} is not valid JSON: {exc}"))
+    if not isinstance(item, dict):
+        return Job(line_no, None, error=LineError("invalid_json", f"line {line_no} is not a JSON object"))
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        what = "has no custom_id" if custom_id is None else "has a custom_id that is not a non-empty string"
+        return Job(line_no, None, error=LineError("missing_custom_id", f"line {line_no} {what}"))
+    job = Job(line_no, custom_id)
+    if item.get("url") != URL:
+        job.error = LineError("invalid_url", f"url {json.dumps(item.get('url'))} is not supported; "
+                                             f"smallfour batch runs {URL}")
+    elif item.get("method", METHOD) != METHOD:
+        job.error = LineError("invalid_method", f"method {json.dumps(item.get('method'))} is not supported; "
+                                                f"use {METHOD}")
+    else:
+        try:
+            job.request, job.stop = request_from_body(item.get("body"), preset=preset, think_budget=think_budget,
+                                                      n_vocab=n_vocab)
+        except LineError as exc:
+            job.error = exc
+        except SmallfourError as exc:  # raised by resolve_request for values it rejects
+            job.error = LineError("invalid_request", str(exc))
+    return job
+
+
+def parse_jobs(lines: Iterable[str | bytes], **options: Any) -> list[Job]:
+    """Every non-blank line as a Job; the second line with a custom_id already seen is an error."""
+    jobs, seen = [], set()
+    for line_no, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        job = parse_line(text, line_no, **options)
+        if job.custom_id is not None:
+            if job.custom_id in seen:
+                job.request, job.error = None, LineError(
+                    "duplicate_custom_id", f"custom_id {json.dumps(job.custom_id)} (line {line_no}) was used by an "
+                                           "earlier line; custom_ids must be unique")
+            seen.add(job.custom_id)
+        jobs.append(job)
+    return jobs
+
+
+def pending_jobs(jobs: list[Job], done: Counter) -> list[Job]:
+    """The jobs not yet in the output: the k-th line with a custom_id is done when the output holds
+    k lines with it (lines without a usable custom_id count as custom_id null)."""
+    seen: Counter = Counter()
+    pending = []
+    for job in jobs:
+        seen[job.custom_id] += 1
+        if seen[job.custom_id] > done[job.custom_id]:
+            pending.append(job)
+    return pending
+
+
+# ---------------------------------------------------------------------------------------------
+# Output lines
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def error_line(custom_id: str | None, error: LineError) -> dict:
+    return {"id": _new_id("batch_req_"), "custom_id": custom_id, "response": None,
+            "error": {"code": error.code, "message": error.message}}
+
+
+def completion_body(result: GenerationResult, model_name: str) -> dict:
+    """A chat.completion object, as OpenAI and vLLM return it (plus llama.cpp-server's timings)."""
+    summary = result.as_json()
+    message: dict[str, Any] = {"role": "assistant", "content": result.content if result.content or not result.tool_calls
+                               else None}
+    if result.reasoning_content:
+        message["reasoning_content"] = result.reasoning_content
+    if result.tool_calls:
+        message["tool_calls"] = result.tool_calls
+    if result.tool_call_error:
+        message["tool_call_error"] = result.tool_call_error
+    return {"id": _new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": model_name,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
+            "usage": summary["usage"], "timings": summary["timings"]}
+
+
+def success_line(custom_id: str, result: GenerationResult, model_name: str) -> dict:
+    return {"id": _new_id("batch_req_"), "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": _new_id("req_"),
+                         "body": completion_body(result, model_name)},
+            "error": None}
+
+
+def _apply_stop(result: GenerationResult, stop: tuple[str, ...]) -> None:
+    """Cut the answer before the first stop string, as OpenAI does, and call it a stop."""
+    cuts = [i for i in (result.content.find(s) for s in stop) if i >= 0]
+    if cuts:
+        result.content = result.content[:min(cuts)]
+        result.finish_reason = "stop"
+
+
+# ---------------------------------------------------------------------------------------------
+# The output file: appended line by line, resumable
+
+
+class BatchOutput:
+    """Where output lines go: a file (appended, flushed and fsynced per line, locked against a second
+    job) or a stream such as stdout (flushed per line)."""
+
+    def __init__(self, stream: IO[bytes], path: Path | None = None):
+        self.stream, self.path = stream, path
+
+    @classmethod
+    def open(cls, path: Path | None, *, resume: bool = False, overwrite: bool = False) -> tuple[BatchOutput, Counter]:
+        """Open OUTPUT for a job (None = stdout), and the custom_ids already in it (when resuming)."""
+        if path is None:
+            if resume:
+                raise SmallfourError("--resume needs an output file (-o FILE), not stdout")
+            return cls(sys.stdout.buffer), Counter()
+        if resume and overwrite:
+            raise SmallfourError("give either --resume or --overwrite, not both")
+        if path.is_dir():
+            raise SmallfourError(f"output {path} is a directory")
+        try:
+            stream = open(path, "ab")
+        except OSError as exc:
+            raise SmallfourError(f"cannot write output file {path}: {exc.strerror}") from None
+        output = cls(stream, path)
+        output._lock()
+        done: Counter = Counter()
+        if os.fstat(stream.fileno()).st_size > 0:
+            if overwrite:
+                stream.truncate(0)
+            elif resume:
+                done = output._recover()
+            else:
+                stream.close()
+                raise SmallfourError(f"output {path} already exists and is not empty: pass --resume to continue "
+                                     "that job, or --overwrite to start over")
+        return output, done
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory lock
+            return
+        try:
+            fcntl.flock(self.stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.stream.close()
+            raise SmallfourError(f"output {self.path} is in use by another smallfour batch job") from None
+
+    def _recover(self) -> Counter:
+        """Count the finished custom_ids; drop a last line a crash cut short (rewritten via temp + rename)."""
+        assert self.path is not None
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        tail = data[end:]
+        kept = data[:end]
+        if tail.strip() and _output_line(tail) is not None:
+            kept += tail + b"\n"  # a complete line whose newline the crash lost
+        done: Counter = Counter()
+        for number, line in enumerate(kept.splitlines(), start=1):
+            if not line.strip():
+                continue
+            item = _output_line(line)
+            if item is None:
+                raise SmallfourError(f"output {self.path} line {number} is not a batch output line "
+                                     "({\"id\", \"custom_id\", \"response\", \"error\"}); cannot resume from it")
+            done[item["custom_id"]] += 1
+        if kept != data:
+            temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            with open(temp, "wb") as file:
+                file.write(kept)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, self.path)
+            self.stream.close()
+            self.stream = open(self.path, "ab")
+            self._lock()
+        return done
+
+    def write(self, item: dict) -> None:
+        self.stream.write(json.dumps(item, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.stream.flush()
+        if self.path is not None:
+            os.fsync(self.stream.fileno())
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.stream.close()
+
+
+def _output_line(line: bytes) -> dict | None:
+    try:
+        item = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(item, dict) or not {"custom_id", "response", "error"} <= item.keys():
+        return None
+    return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+class Progress:
+    """What `run_jobs` reports; the CLI draws it as a rich progress bar."""
+
+    def start(self, total: int, skipped: int) -> None: ...
+
+    def advance(self, completion_tokens: int, ok: bool) -> None: ...
+
+
+class _StopStrings:
+    """Watches the answer as it streams; `hit` once it contains one of the stop strings."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop, self.content, self.hit = stop, "", False
+
+    def on_text(self, channel: str, text: str) -> None:
+        if channel != "content" or self.hit:
+            return
+        start = max(0, len(self.content) - max(map(len, self.stop)) + 1)
+        self.content += text
+        self.hit = any(s in self.content[start:] for s in self.stop)
+
+
+def run_jobs(llm, jobs: list[Job], output: BatchOutput, *, model_name: str, done: Counter | None = None,
+             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> BatchSummary:
+    """Run every job not already in the output, writing one line per job as it finishes.
+
+    `should_stop()` is polled after each token: when it turns true, the request in flight is
+    dropped (nothing written for it) and the summary says `interrupted`.
+    """
+    from smallfour.generate import complete
+
+    progress = progress or Progress()
+    todo = pending_jobs(jobs, done or Counter())
+    summary = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
+    progress.start(len(jobs), summary.skipped)
+    started = time.perf_counter()
+    stopped = should_stop or (lambda: False)
+    for job in todo:
+        if stopped():
+            summary.interrupted = True
+            break
+        tokens = 0
+        if job.error is None:
+            assert job.request is not None and job.custom_id is not None
+            watch = _StopStrings(job.stop)
+            try:
+                result = complete(llm, job.request, on_text=watch.on_text if job.stop else None,
+                                  should_stop=lambda: watch.hit or stopped())
+            except SmallfourError as exc:
+                job.error = LineError("invalid_request", str(exc))
+            except Exception as exc:  # noqa: BLE001 — one failing request must not end the job
+                job.error = LineError("server_error", f"{type(exc).__name__}: {exc}")
+            else:
+                if stopped() and not watch.hit:
+                    summary.interrupted = True
+                    break
+                _apply_stop(result, job.stop)
+                output.write(success_line(job.custom_id, result, model_name))
+                tokens = result.completion_tokens
+                summary.succeeded += 1
+                summary.completion_tokens += tokens
+        if job.error is not None:
+            output.write(error_line(job.custom_id, job.error))
+            summary.failed += 1
+        progress.advance(tokens, job.error is None)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def read_input(source: str) -> list[bytes]:
+    """The input's lines: a file, or stdin for `-`."""
+    if source == "-":
+        return sys.stdin.buffer.read().splitlines()
+    path = Path(source)
+    if not path.is_file():
+        raise SmallfourError(f"input {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    try:
+        return path.read_bytes().splitlines()
+    except OSError as exc:
+        raise SmallfourError(f"cannot read input {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The `smallfour batch` command
+
+
+class _RichProgress(Progress):
+    def __init__(self, console):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("{task.fields[rate]} tok/s"), TextColumn("{task.fields[errors]}"),
+                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+        self.tokens, self.errors, self.started = 0, 0, time.perf_counter()
+
+    def __enter__(self):
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.stop()
+
+    def start(self, total: int, skipped: int) -> None:
+        self.started = time.perf_counter()
+        # Resumed lines are counted done but not timed, so the ETA reflects this run's speed.
+        self.task = self.bars.add_task(f"requests ({skipped} done before)" if skipped else "requests",
+                                       total=total - skipped, rate="0.0", errors="")
+        self.skipped = skipped
+
+    def advance(self, completion_tokens: int, ok: bool) -> None:
+        self.tokens += completion_tokens
+        self.errors += not ok
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bars.update(self.task, advance=1, rate=f"{self.tokens / elapsed:.1f}",
+                         errors=f"{self.errors} errors" if self.errors else "")
+
+
+class _Interrupt:
+    """First Ctrl-C: finish cleanly after the current token (no partial line); second: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def batch_command(
+    model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF "
+                                          "repo OWNER/NAME\\[@REVISION]\\[:QUANT]."),
+    input_file: str = typer.Argument(..., metavar="INPUT", help="JSONL in the OpenAI Batch format: one "
+                                     "{custom_id, method, url: /v1/chat/completions, body} per line; "
+                                     "- reads stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="JSONL to append results to, one "
+                               "{id, custom_id, response, error} line per input line; - writes stdout."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job: skip the custom_ids "
+                                                        "already in OUTPUT (results and errors alike)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: empty OUTPUT if it has lines."),
+    preset: str = typer.Option("instant", "--preset", rich_help_panel=GENERATION_HELP,
+                               help="Defaults for lines without reasoning_effort: instant, think or "
+                                    "think-budget. A line's reasoning_effort \"high\" uses think's sampling, "
+                                    "\"none\" instant's; body fields override either."),
+    think_budget: Optional[int] = typer.Option(None, "--think-budget", min=1, rich_help_panel=GENERATION_HELP,
+                                               help="Most thinking tokens for lines that think; then \\[/THINK] "
+                                                    "is forced and the model answers."),
+    ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens; a request "
+                                                         "whose prompt does not fit gets an error line."),
+    cpu_experts: str = CPU_EXPERTS,
+    override_tensor: Optional[list[str]] = OVERRIDE_TENSOR,
+    gpu_layers: int = GPU_LAYERS,
+    gpus: Optional[int] = GPUS,
+    tensor_split: Optional[str] = TENSOR_SPLIT,
+    split_mode: str = SPLIT_MODE,
+    main_gpu: int = MAIN_GPU,
+    kv_type: str = KV_TYPE,
+    flash_attn: bool = FLASH_ATTN,
+    plan: str = PLAN,
+    force: bool = FORCE_LOAD,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Run a batch of chat requests (OpenAI Batch JSONL) through one loaded model.
+
+    Each result is appended to OUTPUT as soon as it is done: after a crash or Ctrl-C, --resume does only what is left.
+
+    A bad line gets an error line and the job goes on. Progress (requests, tokens/s, ETA) goes to stderr.
+    """
+    from smallfour.generate import PRESETS
+    from smallfour.runtime import load_model
+    from smallfour.store import resolve_gguf
+
+    if preset not in PRESETS:
+        raise SmallfourError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    path = resolve_gguf(model)
+    placement = placement_for(path, n_ctx=ctx, kv_type=kv_type, cpu_experts=cpu_experts,
+                              override_tensor=override_tensor, gpu_layers=gpu_layers, gpus=gpus,
+                              tensor_split=tensor_split, split_mode=split_mode, main_gpu=main_gpu,
+                              flash_attn=flash_attn, plan=plan, force=force)
+    output_path = None if output == "-" else Path(output)
+    if output_path is not None and input_file != "-" and output_path.exists() and Path(input_file).exists() \
+            and output_path.resolve() == Path(input_file).resolve():
+        raise SmallfourError("OUTPUT must not be the INPUT file")
+    lines = read_input(input_file)
+    sink, done = BatchOutput.open(output_path, resume=resume, overwrite=overwrite)
+    try:
+        llm = load_model(path, n_ctx=ctx, verbose=verbose, kv_type=kv_type, placement=placement)
+        jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab())
+        model_name = path.name.removesuffix(".gguf")
+        with _Interrupt() as interrupt, _RichProgress(err) as bars:
+            summary = run_jobs(llm, jobs, sink, model_name=model_name, done=done, progress=bars,
+                               should_stop=interrupt)
+    finally:
+        sink.close()
+    rate = summary.completion_tokens / summary.seconds if summary.seconds > 0 else 0.0
+    where = "stdout" if output_path is None else str(output_path)
+    plural = "" if summary.failed == 1 else "s"
+    err.print(f"{summary.done} of {summary.total} requests done ({summary.succeeded} answered, "
+              f"{summary.failed} error line{plural}, {summary.skipped} already in the output); "
+              f"{summary.completion_tokens} tokens at {rate:.1f} tok/s → {where}",
+              highlight=False, soft_wrap=True)
+    if summary.interrupted:
+        args = sys.argv[2:] if sys.argv[1:2] == ["batch"] else [model, input_file, "-o", output]
+        command = shlex.join(["smallfour", "batch", *(a for a in args if a not in ("--resume", "--overwrite")),
+                              "--resume"])
+        hint = f"continue with: {command}" if output_path is not None else \
+            "the results so far went to stdout; write to a file (-o FILE) to be able to --resume"
+        err.print(f"[yellow]interrupted[/]: {hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+
+
+__all__ = ["BatchOutput", "BatchSummary", "Job", "LineError", "batch_command", "completion_body", "error_line",
+           "parse_jobs", "parse_line", "pending_jobs", "read_input", "request_from_body", "run_jobs",
+           "success_line"]

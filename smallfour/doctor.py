@@ -1,0 +1,352 @@
+"""`smallfour doctor`: what this machine and this install can run, and what to do about what is missing.
+
+The llama.cpp backend and devices come from llama.cpp itself — its system info
+string and the ggml backend registry of the library llama-cpp-python loaded —
+so they say what *this build* can use, not what the hardware has. GPUs the
+build cannot see are looked up with `nvidia-smi` / `rocm-smi` so the doctor can
+say "you have a GPU, rebuild llama-cpp-python for it".
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import typer
+
+from smallfour import store
+from smallfour.placement import backend_devices, backend_names
+
+LLAMA_CPP_PIN = "0.3.36"
+PACKAGES = ("smallfour", "llama-cpp-python", "gguf", "mistral-common", "huggingface-hub", "hf-xet", "numpy", "typer",
+            "rich", "transformers", "torch")
+GB = 1e9
+# Sizes of the real model (docs/benchmarks.md, the brief): the smallest usual GGUF, the Q8_0 one and the release.
+Q4_GGUF_BYTES = 67 * GB
+Q8_GGUF_BYTES = 126 * GB
+RELEASE_BYTES = 120 * GB  # FP8 text weights + BF16 vision tower, embeddings and output head
+
+REINSTALL = ('CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir --no-deps '
+             f"llama-cpp-python=={LLAMA_CPP_PIN}")
+BUILD_FLAGS = {"CUDA": "-DGGML_CUDA=on", "Metal": "-DGGML_METAL=on", "Vulkan": "-DGGML_VULKAN=on",
+               "ROCm": "-DGGML_HIP=on"}
+
+
+@dataclass
+class Finding:
+    level: str  # "ok", "info", "warn" or "fail"
+    topic: str
+    message: str
+    fix: str | None = None
+
+
+def reinstall_command(backend: str) -> str:
+    return REINSTALL.format(flag=BUILD_FLAGS[backend])
+
+
+# --- llama.cpp ---------------------------------------------------------------------------------------------
+
+
+def parse_system_info(text: str) -> dict[str, dict[str, str]]:
+    """`llama_print_system_info()` → {backend: {feature: value}}: "CPU : AVX2 = 1 | … | CUDA : ARCHS = 890 | …"."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for part in (p.strip() for p in text.split("|")):
+        if not part:
+            continue
+        head, sep, rest = part.partition(" : ")
+        if sep:
+            current = sections.setdefault(head.strip(), {})
+            part = rest
+        if current is None:
+            continue
+        key, _, value = part.partition("=")
+        current[key.strip()] = value.strip()
+    return sections
+
+
+def llama_cpp_report() -> dict:
+    """What the installed llama.cpp build has: version, system info, backends, devices with their memory."""
+    try:
+        import llama_cpp
+    except Exception as exc:  # noqa: BLE001 - an import failure is the finding
+        return {"importable": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    report: dict = {"importable": True, "version": getattr(llama_cpp, "__version__", None)}
+    try:
+        info = llama_cpp.llama_print_system_info()
+        info = info.decode("utf-8", errors="replace") if isinstance(info, bytes) else str(info)
+    except Exception as exc:  # noqa: BLE001
+        info = f"unavailable: {exc}"
+    report["system_info"] = info.strip()
+    report["system_info_sections"] = parse_system_info(info)
+    try:
+        report["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:  # noqa: BLE001
+        report["gpu_offload"] = None
+    try:
+        report["backends"] = backend_names()
+        report["devices"] = [{"name": d.name, "description": d.description, "type": d.kind, "backend": d.backend,
+                              "memory_free": d.free_bytes, "memory_total": d.total_bytes}
+                             for d in backend_devices()]
+    except (OSError, AttributeError) as exc:
+        report["backends"], report["devices"] = list(report["system_info_sections"]), []
+        report["registry_error"] = str(exc)
+    return report
+
+
+# --- the machine -----------------------------------------------------------------------------------------------
+
+
+def memory() -> dict:
+    """RAM and swap in bytes, from /proc/meminfo (Linux) or sysconf."""
+    fields: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                fields[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    if "MemTotal" in fields:
+        return {"total": fields["MemTotal"], "available": fields.get("MemAvailable", fields.get("MemFree", 0)),
+                "swap_total": fields.get("SwapTotal", 0), "source": "/proc/meminfo"}
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return {"total": page * os.sysconf("SC_PHYS_PAGES"), "available": page * os.sysconf("SC_AVPHYS_PAGES"),
+                "swap_total": 0, "source": "sysconf"}
+    except (ValueError, OSError, AttributeError):
+        return {"total": 0, "available": 0, "swap_total": 0, "source": "unknown"}
+
+
+def cpu() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count() or 0, "machine": platform.machine()}
+
+
+def _run(command: list[str]) -> str | None:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def system_gpus() -> list[dict]:
+    """GPUs the machine has, whatever llama.cpp was built for: NVIDIA via nvidia-smi, AMD via rocm-smi, Apple."""
+    gpus = []
+    if shutil.which("nvidia-smi"):
+        output = _run(["nvidia-smi", "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"])
+        for line in (output or "").splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 3 and parts[1].replace(".", "").isdigit():
+                free = int(float(parts[2]) * 2**20) if parts[2].replace(".", "").isdigit() else None
+                gpus.append({"vendor": "NVIDIA", "name": parts[0], "memory_total": int(float(parts[1]) * 2**20),
+                             "memory_free": free})
+    if shutil.which("rocm-smi"):
+        output = _run(["rocm-smi", "--showproductname", "--json"])
+        try:
+            for card, values in (json.loads(output) if output else {}).items():
+                name = values.get("Card Series") or values.get("Card series") or card
+                gpus.append({"vendor": "AMD", "name": name, "memory_total": None, "memory_free": None})
+        except (ValueError, AttributeError):
+            pass
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        gpus.append({"vendor": "Apple", "name": "Apple silicon GPU (unified memory)", "memory_total": None,
+                     "memory_free": None})
+    return gpus
+
+
+def disks() -> list[dict]:
+    places = [("hub cache (pulled checkpoints)", store.hub_cache()), ("smallfour store (GGUFs)", store.gguf_dir())]
+    found = []
+    for role, path in places:
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        usage = shutil.disk_usage(probe)
+        found.append({"role": role, "path": str(path), "exists": path.exists(), "free": usage.free,
+                      "total": usage.total})
+    return found
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+# --- the diagnosis ---------------------------------------------------------------------------------------------
+
+
+def diagnose(report: dict) -> list[Finding]:
+    findings: list[Finding] = []
+    llama = report["llama_cpp"]
+    if not llama.get("importable"):
+        findings.append(Finding("fail", "llama.cpp", f"llama-cpp-python cannot be imported ({llama.get('error')})",
+                                f"pip install llama-cpp-python=={LLAMA_CPP_PIN} (builds llama.cpp from source: "
+                                "a C/C++ compiler and CMake are needed; see docs/install.md)"))
+        return findings + _resource_findings(report, gpu_bytes=0)
+    version = llama.get("version")
+    if version != LLAMA_CPP_PIN:
+        findings.append(Finding("warn", "llama.cpp", f"llama-cpp-python {version} is installed; smallfour is built "
+                                f"and tested against {LLAMA_CPP_PIN} (its llama.cpp has the mistral4 architecture)",
+                                f"pip install --no-deps llama-cpp-python=={LLAMA_CPP_PIN}"))
+    gpu_backends = [b for b in llama.get("backends", []) if b not in ("CPU", "BLAS", "RPC")]
+    gpu_devices = [d for d in llama.get("devices", []) if d["type"] in ("GPU", "iGPU")]
+    system = report["system_gpus"]
+    if gpu_devices:
+        names = ", ".join(f"{d['name']} ({d['description']}, {store.human_bytes(d['memory_free'])} free)"
+                          for d in gpu_devices)
+        findings.append(Finding("ok", "backend", f"llama.cpp uses {'+'.join(gpu_backends)}: {names}"))
+    elif gpu_backends:
+        findings.append(Finding("warn", "backend", f"llama.cpp was built with {'+'.join(gpu_backends)} but sees no GPU "
+                                "(driver not loaded, or CUDA_VISIBLE_DEVICES hides them)",
+                                "check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES"))
+    else:
+        vendors = {g["vendor"] for g in system}
+        backend = next((b for vendor, b in (("NVIDIA", "CUDA"), ("AMD", "ROCm"), ("Apple", "Metal"))
+                        if vendor in vendors), None)
+        if backend:
+            findings.append(Finding("warn", "backend", f"this llama.cpp build is CPU-only, but the machine has "
+                                    f"{', '.join(g['name'] for g in system)}: llama.cpp cannot use it",
+                                    f"rebuild llama-cpp-python for it: {reinstall_command(backend)}"
+                                    + (" (needs the CUDA toolkit, nvcc)" if backend == "CUDA" else "")))
+        else:
+            findings.append(Finding("info", "backend", "this llama.cpp build is CPU-only and no GPU was found: "
+                                    "models run on the CPU, from RAM",
+                                    "on a machine with an NVIDIA GPU, rebuild llama-cpp-python with CUDA: "
+                                    f"{reinstall_command('CUDA')} (Apple silicon: {BUILD_FLAGS['Metal']}, "
+                                    f"AMD: {BUILD_FLAGS['ROCm']}, other GPUs: {BUILD_FLAGS['Vulkan']})"))
+    gpu_bytes = sum(d["memory_free"] for d in gpu_devices if d["type"] == "GPU")
+    return findings + _resource_findings(report, gpu_bytes)
+
+
+def _resource_findings(report: dict, gpu_bytes: int) -> list[Finding]:
+    findings = []
+    ram = report["memory"]
+    room = ram["total"] + gpu_bytes
+    where = f"{store.human_bytes(ram['total'])} RAM" + (f" + {store.human_bytes(gpu_bytes)} free GPU memory"
+                                                         if gpu_bytes else "")
+    if room < Q4_GGUF_BYTES:
+        findings.append(Finding("warn", "memory", f"{where}: Mistral Small 4 needs about {Q4_GGUF_BYTES / GB:.0f} GB "
+                                "at Q4_K_M, more than this machine holds; only the tiny demo model will run "
+                                "(smallfour demo)", "use a machine with ≥96 GB of RAM, or RAM plus a 24 GB+ GPU"))
+    elif room < Q8_GGUF_BYTES:
+        findings.append(Finding("ok", "memory", f"{where}: room for a ~4-bit GGUF (≈{Q4_GGUF_BYTES / GB:.0f} GB), "
+                                f"not for Q8_0 (≈{Q8_GGUF_BYTES / GB:.0f} GB)"))
+    else:
+        findings.append(Finding("ok", "memory", f"{where}: room for Q8_0 (≈{Q8_GGUF_BYTES / GB:.0f} GB)"))
+    hub = report["disks"][0]
+    if hub["free"] < RELEASE_BYTES:
+        findings.append(Finding("warn", "disk", f"{store.human_bytes(hub['free'])} free for the hub cache "
+                                f"({hub['path']}); pulling the release needs ≈{RELEASE_BYTES / GB:.0f} GB",
+                                "free space, or point HF_HUB_CACHE (or HF_HOME) at a bigger disk"))
+    else:
+        findings.append(Finding("ok", "disk",
+                                f"{store.human_bytes(hub['free'])} free for the hub cache ({hub['path']})"))
+    missing = [name for name in ("llama-cpp-python", "gguf", "mistral-common", "huggingface-hub")
+               if report["versions"].get(name) is None]
+    if missing:
+        findings.append(Finding("fail", "packages", f"not installed: {', '.join(missing)}", "pip install -e ."))
+    return findings
+
+
+def collect() -> dict:
+    report = {"llama_cpp": llama_cpp_report(), "system_gpus": system_gpus(), "memory": memory(), "cpu": cpu(),
+              "disks": disks(), "versions": versions(), "platform": platform.platform(),
+              "store": {"hub_cache": str(store.hub_cache()), "smallfour_home": str(store.smallfour_home()),
+                        "hf_endpoint": _hf_endpoint(), "hf_hub_offline": _hf_offline()}}
+    report["findings"] = [asdict(f) for f in diagnose(report)]
+    return report
+
+
+def _hf_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hf_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+
+_LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
+
+
+def doctor_command(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+) -> None:
+    """Check this install: llama.cpp backend (CPU/CUDA/Metal/Vulkan), GPUs, RAM, disk, versions — and what to fix."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from smallfour.cli import out
+
+    report = collect()
+    failed = any(f["level"] == "fail" for f in report["findings"])
+    if as_json:
+        print(json.dumps(report, indent=2))
+        raise typer.Exit(1 if failed else 0)
+    llama = report["llama_cpp"]
+    out.print("[bold]llama.cpp[/]")
+    if llama.get("importable"):
+        backends = ", ".join(llama.get("backends", [])) or "?"
+        out.print(f"  llama-cpp-python {llama.get('version')}; backends: {backends}; "
+                  f"GPU offload: {'yes' if llama.get('gpu_offload') else 'no'}", highlight=False)
+        out.print(f"  system info: {llama.get('system_info')}", highlight=False, soft_wrap=True)
+        devices = Table("device", "type", "backend", "description", "free", "total", title_justify="left")
+        for d in llama.get("devices", []):
+            devices.add_row(d["name"], d["type"], d["backend"], d["description"], store.human_bytes(d["memory_free"]),
+                            store.human_bytes(d["memory_total"]))
+        out.print(devices)
+    else:
+        out.print(f"  not importable: {llama.get('error')}", highlight=False)
+    gpus = report["system_gpus"]
+    out.print("[bold]GPUs[/] " + ("; ".join(
+        f"{g['name']} ({store.human_bytes(g['memory_free'])} free of {store.human_bytes(g['memory_total'])})"
+        if g.get("memory_total") else g["name"] for g in gpus) if gpus else "none found (nvidia-smi, rocm-smi)"),
+        highlight=False)
+    ram, machine = report["memory"], report["cpu"]
+    out.print(f"[bold]CPU[/] {machine['model']}, {machine['cores']} threads", highlight=False)
+    out.print(f"[bold]RAM[/] {store.human_bytes(ram['total'])} total, {store.human_bytes(ram['available'])} available, "
+              f"swap {store.human_bytes(ram['swap_total'])}", highlight=False)
+    for disk in report["disks"]:
+        out.print(f"[bold]disk[/] {disk['role']}: {disk['path']} — {store.human_bytes(disk['free'])} free of "
+                  f"{store.human_bytes(disk['total'])}", highlight=False)
+    hub = report["store"]
+    out.print(f"[bold]hub[/] {hub['hf_endpoint']}" + (" (HF_HUB_OFFLINE set)" if hub["hf_hub_offline"] else ""),
+              highlight=False)
+    out.print("[bold]versions[/] " + ", ".join(f"{name} {version or 'not installed'}"
+                                               for name, version in report["versions"].items()), highlight=False)
+    out.print()
+    for finding in report["findings"]:
+        style = _LEVEL_STYLE[finding["level"]]
+        out.print(f"[{style}]{finding['level']:>4}[/] {finding['topic']}: {escape(finding['message'])}",
+                  highlight=False)
+        if finding["fix"]:
+            out.print(f"      fix: {finding['fix']}", highlight=False, soft_wrap=True, markup=False)
+    if failed:
+        raise typer.Exit(1)

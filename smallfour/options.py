@@ -1,0 +1,115 @@
+"""What every command that loads a model shares: consoles, error reporting, placement options.
+
+`run`, `chat` and `batch` take the same placement flags and go through
+`placement_for`, which applies `--plan auto` and refuses a load the planner says
+will not fit (unless `--force`) before llama.cpp starts allocating.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from convert.errors import ConversionError
+from smallfour.errors import SmallfourError
+
+out = Console()
+err = Console(stderr=True)
+
+VERBOSE = typer.Option(False, "-v", "--verbose", help="Show llama.cpp's own log on stderr.")
+GENERATION_HELP = "Generation"
+
+PLACEMENT_HELP = "Placement"
+CPU_EXPERTS = typer.Option("none", "--cpu-experts", rich_help_panel=PLACEMENT_HELP,
+                           help="Keep routed experts in CPU RAM: all, none, N = those of the first N layers "
+                                "(llama.cpp's --n-cpu-moe convention), or auto = as many as the planner says.")
+OVERRIDE_TENSOR = typer.Option(None, "--override-tensor", "-ot", rich_help_panel=PLACEMENT_HELP,
+                               help="REGEX=DEVICE: put matching tensors on DEVICE (CPU, CUDA0, …); repeatable, "
+                                    "llama.cpp's syntax.")
+GPU_LAYERS = typer.Option(-1, "--gpu-layers", "-ngl", rich_help_panel=PLACEMENT_HELP,
+                          help="Layers to offload to GPU(s); -1 = all, 0 = CPU only.")
+GPUS = typer.Option(None, "--gpus", rich_help_panel=PLACEMENT_HELP,
+                    help="Use the first N GPUs, split evenly; 0 = CPU only.")
+TENSOR_SPLIT = typer.Option(None, "--tensor-split", rich_help_panel=PLACEMENT_HELP,
+                            help="Share of the model per GPU, e.g. 1,1,1,1 or 3,1.")
+SPLIT_MODE = typer.Option("layer", "--split-mode", rich_help_panel=PLACEMENT_HELP,
+                          help="How to split across GPUs: layer, row or none.")
+MAIN_GPU = typer.Option(0, "--main-gpu", rich_help_panel=PLACEMENT_HELP,
+                        help="GPU for the whole model with --split-mode none, and for scratch buffers.")
+KV_TYPE = typer.Option("f16", "--kv-type", rich_help_panel=PLACEMENT_HELP,
+                       help="KV cache type: f16, bf16, f32, or q8_0 (needs --flash-attn). Mistral Small 4 caches "
+                            "only the MLA latent (23 KB per token in f16).")
+FLASH_ATTN = typer.Option(False, "--flash-attn/--no-flash-attn", rich_help_panel=PLACEMENT_HELP,
+                          help="Use flash attention.")
+PLAN = typer.Option("check", "--plan", rich_help_panel=PLACEMENT_HELP,
+                    help="auto: place layers, experts and the GPU split as `smallfour plan` decides (your "
+                         "placement flags are ignored); check: keep your flags, but refuse to load what the "
+                         "planner says cannot fit here.")
+FORCE_LOAD = typer.Option(False, "--force", rich_help_panel=PLACEMENT_HELP,
+                          help="Load even when the planner says the model will not fit in this machine's memory.")
+
+
+def reports_errors(command):
+    """Turn our errors into one red line on stderr and exit code 1; Ctrl-C into exit code 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (SmallfourError, ConversionError) as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def read_json_file(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SmallfourError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SmallfourError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+def placement_for(model: Path, *, n_ctx: int, kv_type: str, cpu_experts: str, override_tensor: list[str] | None,
+                  gpu_layers: int, gpus: int | None, tensor_split: str | None, split_mode: str, main_gpu: int,
+                  flash_attn: bool, plan: str, force: bool, hardware=None):
+    """The placement to load `model` with, from the command's flags and the planner.
+
+    With `--plan auto` (or `--cpu-experts auto`) the planner's layout replaces the flags.
+    Either way a model the planner says cannot fit is refused unless `force`.
+    """
+    from smallfour.placement import Placement, parse_override, parse_tensor_split, split_for_gpus
+    from smallfour.plan import plan_for_load
+
+    if plan not in ("auto", "check"):
+        raise SmallfourError(f"--plan {plan!r}: expected auto or check")
+    automatic = plan == "auto" or cpu_experts == "auto"
+    decided = plan_for_load(model, n_ctx, kv_type, hardware, flash_attn=flash_attn)
+    if not decided.fits:
+        if not force:
+            raise SmallfourError(f"{model.name}: {decided.verdict} (--force loads it anyway)")
+        err.print(f"[yellow]warning:[/] {decided.verdict}; loading anyway (--force)", highlight=False, soft_wrap=True)
+    overrides = tuple(parse_override(o) for o in override_tensor or ())
+    if automatic:
+        params = decided.llama_params
+        err.print(f"plan: {' '.join(decided.run_flags())}", style="dim", highlight=False, soft_wrap=True)
+        return Placement(n_gpu_layers=params["n_gpu_layers"], tensor_split=_tuple(params["tensor_split"]),
+                         cpu_experts=str(params["cpu_experts"]) if params["cpu_experts"] else "none",
+                         overrides=overrides, flash_attn=flash_attn)
+    layers_override, split = split_for_gpus(gpus, parse_tensor_split(tensor_split))
+    return Placement(n_gpu_layers=gpu_layers if layers_override is None else layers_override, split_mode=split_mode,
+                     main_gpu=main_gpu, tensor_split=split, cpu_experts=cpu_experts, overrides=overrides,
+                     flash_attn=flash_attn)
+
+
+def _tuple(values):
+    return tuple(float(v) for v in values) if values else None

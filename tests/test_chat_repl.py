@@ -1,0 +1,224 @@
+"""`smallfour chat`, driven for real in a terminal: tmux runs the REPL, send-keys types, capture-pane reads.
+
+Needs the `tmux` binary (Debian/Ubuntu package `tmux`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from conftest import HF, REPO
+
+PROMPT = ">>>"
+
+
+class Terminal:
+    """One tmux pane on a private tmux server, 120×40, running `command`."""
+
+    def __init__(self, socket: str, command: str, env: dict[str, str]):
+        if shutil.which("tmux") is None:
+            pytest.fail("tmux is not installed: the chat REPL test drives a real terminal (apt-get install tmux)")
+        self.base = ["tmux", "-u", "-L", socket]
+        self.env = env
+        self._tmux("new-session", "-d", "-s", "chat", "-x", "120", "-y", "40", "-c", str(REPO), command)
+        self._tmux("set-option", "-t", "chat", "history-limit", "20000")
+        self.socket_path = self._tmux("display-message", "-p", "-t", "chat", "#{socket_path}").strip()
+
+    def _tmux(self, *args: str) -> str:
+        result = subprocess.run([*self.base, *args], capture_output=True, text=True, env=self.env, timeout=30)
+        assert result.returncode == 0, f"tmux {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", "chat", *keys)
+
+    def type(self, text: str) -> None:
+        self._tmux("send-keys", "-t", "chat", "-l", text)
+
+    def lines(self) -> list[str]:
+        """The whole pane, scrollback included, wrapped lines joined."""
+        return [line.rstrip() for line in self._tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "chat").splitlines()]
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def wait(self, condition, timeout: float, what: str) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.lines()
+            if condition(lines):
+                return lines
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; the pane shows:\n" + "\n".join(lines))
+            time.sleep(0.1)
+
+    def prompts(self, lines: list[str]) -> int:
+        return sum(1 for line in lines if line == PROMPT or line.startswith(PROMPT + " "))
+
+    def at_prompt(self, lines: list[str], count: int) -> bool:
+        shown = [line for line in lines if line]
+        return self.prompts(lines) >= count and bool(shown) and shown[-1] == PROMPT
+
+    def submit(self, *pieces: str, timeout: float = 60) -> str:
+        """Type an entry (pieces end with Enter between them) and wait for the next empty prompt.
+
+        Returns what the pane printed after the entry's first line.
+        """
+        before = self.lines()
+        count = self.prompts(before)
+        for piece in pieces:
+            self.type(piece)
+            self.keys("Enter")
+        lines = self.wait(lambda ls: self.at_prompt(ls, count + 1), timeout, f"the prompt after {pieces!r}")
+        starts = [i for i, line in enumerate(lines) if line.startswith(PROMPT)]
+        return "\n".join(lines[starts[-2]:starts[-1]])
+
+    def close(self) -> None:
+        subprocess.run([*self.base, "kill-server"], capture_output=True, env=self.env, timeout=30)
+        if self.socket_path:  # tmux leaves the socket file behind
+            Path(self.socket_path).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    opened: list[Terminal] = []
+    env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
+    env.update(LANG="C.UTF-8", LC_ALL="C.UTF-8", SMALLFOUR_HOME=str(tmp_path / "home"))
+
+    def start(*args: str) -> Terminal:
+        chat = shlex.join([sys.executable, "-m", "smallfour", "chat", *map(str, args)])
+        # The shell reports the REPL's exit status, then keeps the pane open for capture-pane.
+        command = f"{chat}; echo \"[exited $?]\"; sleep 600"
+        term = Terminal(f"smallfour-test-{os.getpid()}-{len(opened)}", command, env)
+        opened.append(term)
+        return term
+
+    yield start
+    for term in opened:
+        term.close()
+
+
+def stats_numbers(text: str) -> dict[str, int]:
+    """The numbers of the last /stats table in `text`."""
+    prompt = re.findall(r"prompt\s+(\d+) tokens: (\d+) reused from the cache, (\d+) evaluated", text)[-1]
+    reply = re.findall(r"reply\s+(\d+) tokens", text)[-1]
+    context = re.findall(r"context\s+(\d+) / (\d+) tokens in the KV cache", text)[-1]
+    return {"prompt": int(prompt[0]), "reused": int(prompt[1]), "evaluated": int(prompt[2]), "reply": int(reply),
+            "context_used": int(context[0]), "context_size": int(context[1])}
+
+
+def test_chat_repl_in_a_terminal(converted, terminal, tmp_path):
+    model = converted(HF, "q8_0")
+    saved = tmp_path / "conversation.json"
+    term = terminal(model, "--ctx", "2048", "-n", "16", "--seed", "11")
+    term.wait(lambda ls: term.at_prompt(ls, 1), 90, "the first prompt")
+    assert "smallfour chat" in term.text() and "effort none" in term.text()
+
+    # A turn typed over two lines (a trailing backslash continues the entry).
+    term.submit("Bonjour\\", "second line")
+    assert "... second line" in term.text()
+    first = stats_numbers(term.submit("/stats"))
+    assert first["reused"] == 0 and first["evaluated"] == first["prompt"] > 5
+    assert 1 <= first["reply"] <= 16 and first["context_used"] > first["prompt"] and first["context_size"] == 2048
+    assert "effort   none (last turn)" in term.text()
+
+    # /effort high reaches the next turn.
+    assert "effort high" in term.submit("/effort high")
+    term.submit("And now think")
+    second = stats_numbers(term.submit("/stats"))
+    assert "effort   high (last turn)" in term.text()
+    # [MODEL_SETTINGS] sits before the first user message: changing the effort invalidates the cache from there.
+    assert 0 < second["reused"] < first["prompt"]
+
+    # Ctrl-C while the model writes a long answer: generation stops, the REPL stays.
+    assert "max-tokens 2000" in term.submit("/set max-tokens 2000")
+    count = term.prompts(term.lines())
+    term.type("Tell me a long story")
+    term.keys("Enter")
+
+    def writing(lines: list[str]) -> bool:
+        footer = [line for line in lines if line][-1:]
+        counts = [int(n) for n in re.findall(r"(\d+) tokens[^\n]*\(Ctrl-C stops\)", "\n".join(footer))]
+        return bool(counts) and counts[-1] >= 10
+
+    term.wait(writing, 60, "the answer to stream")
+    term.keys("C-c")
+    lines = term.wait(lambda ls: term.at_prompt(ls, count + 1), 30, "the prompt after Ctrl-C")
+    stopped = re.findall(r"\[interrupted after (\d+) tokens; the partial answer is kept\]", "\n".join(lines))
+    assert stopped and 10 <= int(stopped[-1]) < 1000, "\n".join(lines[-20:])
+    third = stats_numbers(term.submit("/stats"))
+    assert third["reply"] == int(stopped[-1])
+    # The conversation so far came from the KV cache: at least the whole previous prompt.
+    assert third["reused"] >= second["prompt"] and third["evaluated"] < third["prompt"] - second["prompt"] + 40
+    assert third["context_used"] >= third["prompt"] + third["reply"] - 1
+
+    # Ctrl-C at the prompt drops the line typed so far.
+    count = term.prompts(term.lines())
+    term.type("never sent")
+    term.wait(lambda ls: [line for line in ls if line][-1] == f"{PROMPT} never sent", 10, "the typed text")
+    term.keys("C-c")
+    term.wait(lambda ls: term.at_prompt(ls, count + 1), 10, "a fresh prompt after Ctrl-C")
+
+    assert f"saved 6 messages to {saved}" in term.submit(f"/save {saved}")
+    messages = json.loads(saved.read_text(encoding="utf-8"))
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert messages[0]["content"] == "Bonjour\nsecond line"
+    assert [m["content"] for m in messages[2::2]] == ["And now think", "Tell me a long story"]
+    assert all(m["content"] or m.get("reasoning_content") for m in messages[1::2])
+    assert messages[-1]["interrupted"] is True and "interrupted" not in messages[1] and "interrupted" not in messages[3]
+    assert "never sent" not in json.dumps(messages)
+
+    # Ctrl-D leaves with exit code 0.
+    term.keys("C-d")
+    term.wait(lambda ls: "[exited 0]" in ls, 30, "the REPL to exit")
+
+    # The input history is kept between runs: Up brings back the last entry; /load reads the saved file.
+    history = (tmp_path / "home" / "chat_history").read_text(encoding="utf-8")
+    assert "/effort high" in history and "Tell me a long story" in history and "never sent" not in history
+    again = terminal(model, "--ctx", "2048", "-n", "4")
+    again.wait(lambda ls: again.at_prompt(ls, 1), 90, "the prompt of a second run")
+    again.keys("Up")
+    again.wait(lambda ls: any(line == f"{PROMPT} /save {saved}" for line in ls), 10, "the recalled entry")
+    again.keys("C-u")
+    assert "loaded 6 messages" in again.submit(f"/load {saved}")
+    again.submit("Continue")
+    fourth = stats_numbers(again.submit("/stats"))
+    assert fourth["reused"] == 0 and fourth["prompt"] > third["prompt"] + 5  # the loaded conversation was sent
+    again.keys("C-d")
+    again.wait(lambda ls: "[exited 0]" in ls, 30, "the second run to exit")
+
+
+def test_thinking_is_folded_and_shown_on_request():
+    from smallfour.chat import Session, TurnStats, _show_result, _TurnView, run_command
+    from smallfour.generate import GenerationResult, resolve_request
+
+    console = Console(record=True, force_terminal=True, width=80, color_system="standard")
+    view = _TurnView()
+    view.on_text("reasoning", "Let me count the legs.")
+    view.on_text("content", "A spider has **8** legs.")
+    console.print(view)
+    streamed = console.export_text(styles=True)
+    assert "\x1b[2mLet me count the legs.\x1b[0m" in streamed  # thinking dimmed while streaming
+
+    result = GenerationResult(content="A spider has **8** legs.", reasoning_content="Let me count the legs.",
+                              reasoning_tokens=6, completion_tokens=14, finish_reason="stop")
+    session = Session(llm=None, preset="think")
+    session.last = TurnStats(result, "high", 0, 20, False, 34, 2048)
+    _show_result(console, session.last, resolve_request([], preset="think"), rendered=True)
+    folded = console.export_text()
+    assert "(thought for 6 tokens — /think to show)" in folded
+    assert "Let me count" not in folded and "A spider has 8 legs." in folded  # Markdown: ** rendered as bold
+    assert run_command(session, console, "/think") is True
+    assert "Let me count the legs." in console.export_text()
+    assert run_command(session, console, "/exit") is False
