@@ -92,7 +92,7 @@ def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, forc
 def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_type: gguf.GGMLQuantizationType,
            file_type: gguf.LlamaFileType, progress: Progress) -> ConversionReport:
     writer = gguf.GGUFWriter(path, ARCH)
-    add_metadata(writer, ckpt.config, ckpt.path.name, file_type)
+    add_metadata(writer, ckpt.config, model_name(ckpt.path), file_type)
     add_vocabulary(writer, ckpt.path)
     choices = {t.name: choose_type(recipe_type, t.role, t.shape) for t in planned}
     for tensor in planned:
@@ -127,6 +127,13 @@ def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_ty
     fallbacks = [f"{name}: {c.fallback_from.name} → {c.qtype.name} (row size not a multiple of the block)"
                  for name, c in choices.items() if c.fallback_from is not None]
     return ConversionReport(path, ckpt.layout, len(planned), 0, output_bytes, fallbacks)
+
+
+def model_name(checkpoint_dir: Path) -> str:
+    """The checkpoint's name; a hub-cache snapshot is named by its commit, so take the repo's."""
+    if checkpoint_dir.parent.name == "snapshots" and checkpoint_dir.parent.parent.name.startswith("models--"):
+        return checkpoint_dir.parent.parent.name.split("--", 2)[-1]
+    return checkpoint_dir.name
 
 
 def add_metadata(writer: gguf.GGUFWriter, cfg: TextConfig, name: str, file_type: gguf.LlamaFileType) -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
+from rich.text import Text
 
 from smallfour.batch import batch_command
 from smallfour.chat import chat_command
@@ -37,8 +38,8 @@ class ConversionProgress:
         self.progress = progress
 
     def start(self, total_bytes: int, total_tensors: int) -> None:
-        self.bytes_task = self.progress.add_task("reading", total=total_bytes)
-        self.tensor_task = self.progress.add_task("tensors", total=total_tensors)
+        self.bytes_task = self.progress.add_task("reading", total=total_bytes, unit="bytes")
+        self.tensor_task = self.progress.add_task("tensors", total=total_tensors, unit="tensors")
 
     def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None:
         self.progress.update(self.bytes_task, advance=source_bytes, description=tensor)
@@ -46,9 +47,22 @@ class ConversionProgress:
             self.progress.update(self.tensor_task, advance=1)
 
 
+class _AmountColumn(ProgressColumn):
+    """Bytes and bytes/s on the byte bar, done/total on the tensor bar."""
+
+    def __init__(self):
+        super().__init__()
+        self.size, self.speed, self.count = DownloadColumn(), TransferSpeedColumn(), MofNCompleteColumn()
+
+    def render(self, task):
+        if task.fields.get("unit") == "bytes":
+            return Text.assemble(self.size.render(task), " ", self.speed.render(task))
+        return self.count.render(task)
+
+
 def _progress_bars() -> Progress:
-    return Progress(TextColumn("{task.description:<34}"), BarColumn(), DownloadColumn(), MofNCompleteColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    return Progress(TextColumn("{task.description:<34}"), BarColumn(), _AmountColumn(), TimeRemainingColumn(),
+                    console=err, transient=False)
 
 
 @app.command()
