@@ -47,3 +47,21 @@ def converted(tmp_path_factory, checkpoint):
         return made[key]
 
     return convert
+
+
+@pytest.fixture
+def hub():
+    """A stand-in for the Hugging Face Hub on loopback (tests/hub_stub.py)."""
+    from hub_stub import HubStub
+
+    stub = HubStub()
+    yield stub
+    stub.close()
+
+
+@pytest.fixture
+def env(tmp_path, hub):
+    """Environment for a smallfour child process that talks to `hub` and keeps its caches in tmp_path."""
+    from hub_stub import smallfour_env
+
+    return smallfour_env(tmp_path, hub)

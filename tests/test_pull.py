@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HF
-from hub_stub import HubStub, SMALLFOUR, assert_one_line_error, cli, repo_dir, sha256_of, smallfour_env
+from hub_stub import SMALLFOUR, HubStub, assert_one_line_error, cli, repo_dir, sha256_of, smallfour_env
 
 REPO = "mistralai/Tiny-Small-4"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -23,18 +23,6 @@ SHARD2 = "model-00002-of-00002.safetensors"
 MiB = 1 << 20
 # huggingface_hub writes downloads in 10 MiB pieces: an interrupted file keeps whole pieces only.
 PIECE = 10 * MiB
-
-
-@pytest.fixture
-def hub():
-    stub = HubStub()
-    yield stub
-    stub.close()
-
-
-@pytest.fixture
-def env(tmp_path, hub):
-    return smallfour_env(tmp_path, hub)
 
 
 @pytest.fixture

@@ -12,22 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import HF
-from hub_stub import HubStub, assert_one_line_error, cli, hub_cache, repo_dir, smallfour_env
+from hub_stub import assert_one_line_error, cli, hub_cache, repo_dir
 
 CKPT = "acme/Tiny-FP8"
 GGUF_REPO = "acme/Tiny-GGUF"
-
-
-@pytest.fixture
-def hub():
-    stub = HubStub()
-    yield stub
-    stub.close()
-
-
-@pytest.fixture
-def env(tmp_path, hub):
-    return smallfour_env(tmp_path, hub)
 
 
 def fp8_checkpoint_files() -> dict[str, bytes]:
