@@ -36,9 +36,7 @@ from typing import IO, TYPE_CHECKING, Any, Optional
 import typer
 
 from smallfour.errors import SmallfourError
-from smallfour.options import (CPU_EXPERTS, FLASH_ATTN, FORCE_LOAD, GENERATION_HELP, GPU_LAYERS, GPUS, KV_TYPE,
-                               MAIN_GPU, OVERRIDE_TENSOR, PLAN, SPLIT_MODE, TENSOR_SPLIT, VERBOSE, err,
-                               placement_for)
+from smallfour.options import GENERATION_HELP, VERBOSE, PlacementFlags, err, with_placement_options
 
 if TYPE_CHECKING:
     from smallfour.generate import ChatRequest, GenerationResult
@@ -612,6 +610,7 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
+@with_placement_options
 def batch_command(
     model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF "
                                           "repo OWNER/NAME\\[@REVISION]\\[:QUANT]."),
@@ -632,18 +631,8 @@ def batch_command(
                                                     "is forced and the model answers."),
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens; a request "
                                                          "whose prompt does not fit gets an error line."),
-    cpu_experts: str = CPU_EXPERTS,
-    override_tensor: Optional[list[str]] = OVERRIDE_TENSOR,
-    gpu_layers: int = GPU_LAYERS,
-    gpus: Optional[int] = GPUS,
-    tensor_split: Optional[str] = TENSOR_SPLIT,
-    split_mode: str = SPLIT_MODE,
-    main_gpu: int = MAIN_GPU,
-    kv_type: str = KV_TYPE,
-    flash_attn: bool = FLASH_ATTN,
-    plan: str = PLAN,
-    force: bool = FORCE_LOAD,
     verbose: bool = VERBOSE,
+    placement: PlacementFlags = None,
 ) -> None:
     """Run a batch of chat requests (OpenAI Batch JSONL) through one loaded model.
 
@@ -658,10 +647,7 @@ def batch_command(
     if preset not in PRESETS:
         raise SmallfourError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     path = resolve_gguf(model)
-    placement = placement_for(path, n_ctx=ctx, kv_type=kv_type, cpu_experts=cpu_experts,
-                              override_tensor=override_tensor, gpu_layers=gpu_layers, gpus=gpus,
-                              tensor_split=tensor_split, split_mode=split_mode, main_gpu=main_gpu,
-                              flash_attn=flash_attn, plan=plan, force=force)
+    layout = placement.resolve(path, ctx)
     output_path = None if output == "-" else Path(output)
     if output_path is not None and input_file != "-" and output_path.exists() and Path(input_file).exists() \
             and output_path.resolve() == Path(input_file).resolve():
@@ -669,7 +655,7 @@ def batch_command(
     lines = read_input(input_file)
     sink, done = BatchOutput.open(output_path, resume=resume, overwrite=overwrite)
     try:
-        llm = load_model(path, n_ctx=ctx, verbose=verbose, kv_type=kv_type, placement=placement)
+        llm = load_model(path, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, placement=layout)
         jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab())
         model_name = path.name.removesuffix(".gguf")
         with _Interrupt() as interrupt, _RichProgress(err) as bars:

@@ -40,9 +40,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from smallfour.options import (CPU_EXPERTS, FLASH_ATTN, FORCE_LOAD, GENERATION_HELP, GPU_LAYERS, GPUS, KV_TYPE,
-                               MAIN_GPU, OVERRIDE_TENSOR, PLAN, SPLIT_MODE, TENSOR_SPLIT, VERBOSE, placement_for,
-                               read_json_file)
+from smallfour.options import GENERATION_HELP, VERBOSE, PlacementFlags, read_json_file, with_placement_options
 from smallfour.errors import SmallfourError
 from smallfour.generate import (EFFORTS, PRESETS, ChatRequest, GenerationResult, complete, prompt_tokens,
                                 resolve_request)
@@ -608,6 +606,7 @@ def repl(session: Session, console: Console, editor: LineEditor) -> None:
             console.print(Text("[interrupted]", style="yellow"))
 
 
+@with_placement_options
 def chat_command(
     model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF repo "
                                           "OWNER/NAME\\[@REVISION]\\[:QUANT]."),
@@ -631,18 +630,8 @@ def chat_command(
                                        help="Sampling seed, for repeatable replies."),
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens: the whole "
                                                         "conversation must fit."),
-    cpu_experts: str = CPU_EXPERTS,
-    override_tensor: Optional[list[str]] = OVERRIDE_TENSOR,
-    gpu_layers: int = GPU_LAYERS,
-    gpus: Optional[int] = GPUS,
-    tensor_split: Optional[str] = TENSOR_SPLIT,
-    split_mode: str = SPLIT_MODE,
-    main_gpu: int = MAIN_GPU,
-    kv_type: str = KV_TYPE,
-    flash_attn: bool = FLASH_ATTN,
-    plan: str = PLAN,
-    force: bool = FORCE_LOAD,
     verbose: bool = VERBOSE,
+    placement: PlacementFlags = None,
 ) -> None:
     """Chat with a model in the terminal: history, /commands, Ctrl-C stops a reply, Ctrl-D leaves.
 
@@ -656,14 +645,12 @@ def chat_command(
                                       seed=seed, think_budget=think_budget).items() if v is not None}
     session = Session(llm=None, preset=preset, effort=effort, system=system, overrides=overrides)
     session.request()  # bad --preset / --effort fail here, before the model loads
-    placement = placement_for(model, n_ctx=ctx, kv_type=kv_type, cpu_experts=cpu_experts,
-                              override_tensor=override_tensor, gpu_layers=gpu_layers, gpus=gpus,
-                              tensor_split=tensor_split, split_mode=split_mode, main_gpu=main_gpu,
-                              flash_attn=flash_attn, plan=plan, force=force)
+    layout = placement.resolve(model, ctx)
     console = Console(highlight=False)
     errors = Console(stderr=True)
     with errors.status(f"loading {model.name}…", spinner="dots") if not verbose else nullcontext():
-        session.llm = load_model(model, n_ctx=ctx, seed=seed, verbose=verbose, kv_type=kv_type, placement=placement)
+        session.llm = load_model(model, n_ctx=ctx, seed=seed, verbose=verbose, kv_type=placement.kv_type,
+                                 placement=layout)
     request = session.request()
     console.print(Text.assemble(("smallfour chat", "bold"), f"  {model.name}  ctx {session.llm.n_ctx()}, preset "
                                 f"{session.preset}, effort {request.effort}", style=None), soft_wrap=True)

@@ -18,9 +18,8 @@ from smallfour.batch import batch_command
 from smallfour.chat import chat_command
 from smallfour.doctor import doctor_command
 from smallfour.errors import SmallfourError
-from smallfour.options import (CPU_EXPERTS, FLASH_ATTN, FORCE_LOAD, GENERATION_HELP, GPU_LAYERS, GPUS, KV_TYPE,
-                               MAIN_GPU, OVERRIDE_TENSOR, PLAN, SPLIT_MODE, TENSOR_SPLIT, VERBOSE, err, out,
-                               placement_for, read_json_file, reports_errors)
+from smallfour.options import (GENERATION_HELP, VERBOSE, PlacementFlags, err, out, read_json_file, reports_errors,
+                               with_placement_options)
 from smallfour.plan_cli import plan as plan_command
 from smallfour.pull import pull_command
 from smallfour.store import models_command, rm_command
@@ -146,6 +145,7 @@ def request_messages(prompt: str | None, messages_file: Path | None, system: str
 
 @app.command()
 @reports_errors
+@with_placement_options
 def run(
     model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF repo "
                                           "OWNER/NAME\\[@REVISION]\\[:QUANT]."),
@@ -179,18 +179,8 @@ def run(
                                                         "tool_calls, usage, timings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Render and tokenize the prompt, generate nothing; "
                                                            "with --json prints {prompt, tokens}."),
-    cpu_experts: str = CPU_EXPERTS,
-    override_tensor: Optional[list[str]] = OVERRIDE_TENSOR,
-    gpu_layers: int = GPU_LAYERS,
-    gpus: Optional[int] = GPUS,
-    tensor_split: Optional[str] = TENSOR_SPLIT,
-    split_mode: str = SPLIT_MODE,
-    main_gpu: int = MAIN_GPU,
-    kv_type: str = KV_TYPE,
-    flash_attn: bool = FLASH_ATTN,
-    plan: str = PLAN,
-    force: bool = FORCE_LOAD,
     verbose: bool = VERBOSE,
+    placement: PlacementFlags = None,
 ) -> None:
     """Answer one prompt (or continue a conversation), streaming the reply to stdout.
 
@@ -209,13 +199,9 @@ def run(
         text, tokens = render_only(model, request, verbose=verbose)
         print(json.dumps({"prompt": text, "tokens": tokens}, ensure_ascii=False) if as_json else text)
         return
-    placement = placement_for(model, n_ctx=ctx, kv_type=kv_type, cpu_experts=cpu_experts,
-                              override_tensor=override_tensor, gpu_layers=gpu_layers, gpus=gpus,
-                              tensor_split=tensor_split, split_mode=split_mode, main_gpu=main_gpu,
-                              flash_attn=flash_attn, plan=plan, force=force)
     stream = None if as_json else functools.partial(_stream, hide_thinking=hide_thinking)
-    result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=kv_type, placement=placement,
-                      on_text=stream)
+    result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type,
+                      placement=placement.resolve(model, ctx), on_text=stream)
     if as_json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
         return

@@ -8,8 +8,11 @@ will not fit (unless `--force`) before llama.cpp starts allocating.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -77,6 +80,59 @@ def read_json_file(path: Path, what: str):
         raise SmallfourError(f"cannot read {what} file {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise SmallfourError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PlacementFlags:
+    """The placement options of a command that loads a model, as the user gave them."""
+
+    cpu_experts: str = "none"
+    override_tensor: list[str] | None = None
+    gpu_layers: int = -1
+    gpus: int | None = None
+    tensor_split: str | None = None
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    kv_type: str = "f16"
+    flash_attn: bool = False
+    plan: str = "check"
+    force: bool = False
+
+    def resolve(self, model: Path, n_ctx: int, hardware=None):
+        return placement_for(model, n_ctx=n_ctx, kv_type=self.kv_type, cpu_experts=self.cpu_experts,
+                             override_tensor=self.override_tensor, gpu_layers=self.gpu_layers, gpus=self.gpus,
+                             tensor_split=self.tensor_split, split_mode=self.split_mode, main_gpu=self.main_gpu,
+                             flash_attn=self.flash_attn, plan=self.plan, force=self.force, hardware=hardware)
+
+
+_PLACEMENT_OPTIONS = {
+    "cpu_experts": (str, CPU_EXPERTS), "override_tensor": (Optional[list[str]], OVERRIDE_TENSOR),
+    "gpu_layers": (int, GPU_LAYERS), "gpus": (Optional[int], GPUS), "tensor_split": (Optional[str], TENSOR_SPLIT),
+    "split_mode": (str, SPLIT_MODE), "main_gpu": (int, MAIN_GPU), "kv_type": (str, KV_TYPE),
+    "flash_attn": (bool, FLASH_ATTN), "plan": (str, PLAN), "force": (bool, FORCE_LOAD),
+}
+
+
+def with_placement_options(command):
+    """Give a Typer command the placement options; it receives them as one `placement: PlacementFlags`.
+
+    The options are appended to the command's signature, which is what Typer reads, so
+    `run`, `chat` and `batch` declare them once, here.
+    """
+    signature = inspect.signature(command)
+    kept = [p for p in signature.parameters.values() if p.name != "placement"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+             for name, (annotation, option) in _PLACEMENT_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        flags = PlacementFlags(**{name: kwargs.pop(name) for name in _PLACEMENT_OPTIONS})
+        return command(*args, placement=flags, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=kept + added)
+    wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "placement"} | \
+        {name: annotation for name, (annotation, _) in _PLACEMENT_OPTIONS.items()}
+    return wrapper
 
 
 def placement_for(model: Path, *, n_ctx: int, kv_type: str, cpu_experts: str, override_tensor: list[str] | None,
