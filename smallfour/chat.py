@@ -40,7 +40,8 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from smallfour.options import GENERATION_HELP, VERBOSE, PlacementFlags, read_json_file, with_placement_options
+from smallfour.options import (GENERATION_HELP, SEED, TEMPERATURE, TOP_K, TOP_P, VERBOSE, PlacementFlags, read_json_file,
+                               with_placement_options)
 from smallfour.errors import SmallfourError
 from smallfour.generate import (EFFORTS, PRESETS, ChatRequest, GenerationResult, complete, prompt_tokens,
                                 resolve_request)
@@ -620,14 +621,10 @@ def chat_command(
                                                help="Most thinking tokens per turn; then the model must answer."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, rich_help_panel=GENERATION_HELP,
                                              help="Most tokens per reply, thinking included."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, rich_help_panel=GENERATION_HELP,
-                                                help="Sampling temperature; 0 is greedy."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, rich_help_panel=GENERATION_HELP,
-                                          help="Nucleus sampling threshold."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, rich_help_panel=GENERATION_HELP,
-                                        help="Sample among the K likeliest tokens; 0 = no limit."),
-    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=GENERATION_HELP,
-                                       help="Sampling seed, for repeatable replies."),
+    temperature: Optional[float] = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    seed: Optional[int] = SEED,
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens: the whole "
                                                         "conversation must fit."),
     verbose: bool = VERBOSE,

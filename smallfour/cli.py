@@ -18,8 +18,8 @@ from smallfour.batch import batch_command
 from smallfour.chat import chat_command
 from smallfour.doctor import doctor_command
 from smallfour.errors import SmallfourError
-from smallfour.options import (GENERATION_HELP, VERBOSE, PlacementFlags, err, out, read_json_file, reports_errors,
-                               with_placement_options)
+from smallfour.options import (GENERATION_HELP, SEED, TEMPERATURE, TOP_K, TOP_P, VERBOSE, PlacementFlags, err, out,
+                               read_json_file, reports_errors, with_placement_options)
 from smallfour.plan_cli import plan as plan_command
 from smallfour.pull import pull_command
 from smallfour.store import models_command, rm_command
@@ -165,14 +165,10 @@ def run(
                                                     "answers."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, rich_help_panel=GENERATION_HELP,
                                              help="Most tokens to generate, thinking included."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, rich_help_panel=GENERATION_HELP,
-                                                help="Sampling temperature; 0 is greedy."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, rich_help_panel=GENERATION_HELP,
-                                          help="Nucleus sampling threshold."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, rich_help_panel=GENERATION_HELP,
-                                        help="Sample among the K likeliest tokens; 0 = no limit."),
-    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=GENERATION_HELP,
-                                       help="Sampling seed, for repeatable output."),
+    temperature: Optional[float] = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    top_k: Optional[int] = TOP_K,
+    seed: Optional[int] = SEED,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the model's thinking."),
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: content, reasoning_content, "

@@ -26,6 +26,15 @@ err = Console(stderr=True)
 VERBOSE = typer.Option(False, "-v", "--verbose", help="Show llama.cpp's own log on stderr.")
 GENERATION_HELP = "Generation"
 
+# Sampling overrides shared by run and chat; None keeps the preset's value.
+TEMPERATURE = typer.Option(None, "--temperature", min=0.0, rich_help_panel=GENERATION_HELP,
+                           help="Sampling temperature; 0 is greedy.")
+TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, rich_help_panel=GENERATION_HELP,
+                     help="Nucleus sampling threshold.")
+TOP_K = typer.Option(None, "--top-k", min=0, rich_help_panel=GENERATION_HELP,
+                     help="Sample among the K likeliest tokens; 0 = no limit.")
+SEED = typer.Option(None, "--seed", rich_help_panel=GENERATION_HELP, help="Sampling seed, for repeatable output.")
+
 PLACEMENT_HELP = "Placement"
 CPU_EXPERTS = typer.Option("none", "--cpu-experts", rich_help_panel=PLACEMENT_HELP,
                            help="Keep routed experts in CPU RAM: all, none, N = those of the first N layers "
