@@ -20,8 +20,13 @@ from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import TextConfig
 from convert.errors import ConversionError
 from convert.mistral4 import PlannedTensor, plan_tensors
+from convert.mmproj import (DEFAULT_MMPROJ_TYPE, MMPROJ_TYPES, MmprojReport, convert_mmproj, has_vision, mmproj_path,
+                            vision_config)
 from convert.vocab import add_vocabulary
-from quant.recipes import choose_type, encode, resolve_recipe, stored_nbytes
+from quant.pipeline import (Encoder, TensorSlot, add_recipe_metadata, assign_types, check_requirements,
+                            fallback_lines, file_type_of, gguf_overhead, kv_nbytes, load_importance,
+                            prefetched, resolve_recipe_spec, tensor_importance, validate_recipe_spec)
+from quant.recipes import load_recipe, stored_nbytes
 
 ARCH = "mistral4"
 
@@ -50,6 +55,8 @@ class ConversionReport:
     source_bytes: int
     output_bytes: int
     fallbacks: list[str] = field(default_factory=list)
+    mmproj: MmprojReport | None = None  # the vision projector written beside it, if any
+    recipe: str = ""  # the quantization recipe applied (its name)
 
 
 def temporary_path(output: Path) -> Path:
@@ -64,18 +71,34 @@ def check_output_path(output: Path, force: bool) -> None:
 
 
 def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, force: bool = False,
-                       progress: Progress | None = None) -> ConversionReport:
-    """Convert a Mistral Small 4 checkpoint directory (either layout) to a GGUF file."""
+                       progress: Progress | None = None, mmproj: bool = True, mmproj_output: Path | None = None,
+                       mmproj_type: str = DEFAULT_MMPROJ_TYPE, imatrix: Path | None = None,
+                       threads: int | None = None) -> ConversionReport:
+    """Convert a Mistral Small 4 checkpoint directory (either layout) to a GGUF file.
+
+    With `mmproj`, a checkpoint that has a vision tower also gets its projector GGUF
+    (`mmproj_output`, by default `OUT-mmproj.gguf` beside the model).
+    """
     output = Path(output)
     check_output_path(output, force)
-    recipe_type, file_type = resolve_recipe(recipe)
+    validate_recipe_spec(recipe)  # an unknown recipe fails before any work
+    importance = load_importance(imatrix)
     ckpt = open_checkpoint(Path(source))
     try:
+        projector = None
+        if mmproj and (mmproj_output is not None or has_vision(ckpt)):
+            projector = Path(mmproj_output) if mmproj_output is not None else mmproj_path(output)
+            # Checked before the long text conversion, not after it.
+            check_output_path(projector, force)
+            if mmproj_type.lower() not in MMPROJ_TYPES:
+                raise ConversionError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
+            vision_config(ckpt)
         planned = plan_tensors(ckpt)
         total_source = sum(t.source_bytes for t in planned)
         temporary = temporary_path(output)
         try:
-            report = _write(ckpt, planned, temporary, recipe_type, file_type, progress or _Silent())
+            report = _write(ckpt, planned, temporary, recipe, progress or _Silent(), importance, threads,
+                            imatrix)
             os.replace(temporary, output)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -83,18 +106,34 @@ def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, forc
             raise ConversionError(f"cannot write {output}: {exc.strerror or exc}") from None
         finally:
             temporary.unlink(missing_ok=True)
+        if projector is not None:
+            report.mmproj = convert_mmproj(ckpt, projector, mmproj_type, force=force)
     finally:
         ckpt.close()
     report.output, report.source_bytes = output, total_source
     return report
 
 
-def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_type: gguf.GGMLQuantizationType,
-           file_type: gguf.LlamaFileType, progress: Progress) -> ConversionReport:
+def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_spec: str, progress: Progress,
+           importance: dict | None = None, threads: int | None = None,
+           imatrix_path: Path | None = None) -> ConversionReport:
+    slots = [TensorSlot(t.name, t.role, t.layer, t.shape) for t in planned]
+    n_layers = ckpt.config.n_layers
+    overhead = 0
+    if recipe_spec.lower().startswith("fit:"):
+        # The budget counts the whole file: measure the header a first writer would produce.
+        scratch = gguf.GGUFWriter(path, ARCH)
+        add_metadata(scratch, ckpt.config, model_name(ckpt.path), gguf.LlamaFileType.GUESSED)
+        add_vocabulary(scratch, ckpt.path)
+        add_recipe_metadata(scratch, load_recipe("q8_0"), imatrix_path)
+        overhead = gguf_overhead(kv_nbytes(scratch) + 256, slots)  # + room for the recipe's name and description
+    recipe = resolve_recipe_spec(recipe_spec, slots, n_layers, importance, overhead)
+    choices = assign_types(recipe, slots, n_layers)
+    check_requirements(choices, slots, importance)
     writer = gguf.GGUFWriter(path, ARCH)
-    add_metadata(writer, ckpt.config, model_name(ckpt.path), file_type)
+    add_metadata(writer, ckpt.config, model_name(ckpt.path), file_type_of(choices, slots))
     add_vocabulary(writer, ckpt.path)
-    choices = {t.name: choose_type(recipe_type, t.role, t.shape) for t in planned}
+    add_recipe_metadata(writer, recipe, imatrix_path)
     for tensor in planned:
         qtype = choices[tensor.name].qtype
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), stored_nbytes(tensor.shape, qtype),
@@ -105,28 +144,34 @@ def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_ty
     writer.write_ti_data_to_file()
     out = writer.fout[0]
     output_bytes = 0
-    for tensor in planned:
-        qtype = choices[tensor.name].qtype
-        out.write(b"\0" * (-out.tell() % writer.data_alignment))
-        written, rows = 0, 0
-        for piece in tensor.pieces():
-            data = encode(piece, qtype)
-            # file.write (unlike ndarray.tofile) reports a full disk as errno ENOSPC.
-            out.write(data.data)
-            written += data.nbytes
-            rows += piece.shape[0]
-            progress.advance(tensor.source_bytes * piece.shape[0] // tensor.shape[0], tensor.name,
-                             rows == tensor.shape[0])
-        if rows != tensor.shape[0] or written != stored_nbytes(tensor.shape, qtype):
-            raise ConversionError(f"internal error: {tensor.name} produced {written} bytes for {tensor.shape}")
-        output_bytes += written
+    # The next piece is read and decoded on a background thread while this one is quantized and written.
+    encoder, current, finished = None, -1, 0
+    for index, piece in prefetched((i, piece) for i, t in enumerate(planned) for piece in t.pieces()):
+        tensor = planned[index]
+        if index != current:
+            if encoder is not None:
+                encoder.check_complete()
+                output_bytes, finished = output_bytes + encoder.nbytes, finished + 1
+            current = index
+            out.write(b"\0" * (-out.tell() % writer.data_alignment))
+            encoder = Encoder(slots[index], choices[tensor.name].qtype, tensor_importance(importance, slots[index]),
+                              threads)
+        data = encoder.encode(piece)
+        # file.write (unlike ndarray.tofile) reports a full disk as errno ENOSPC.
+        out.write(data.data)
+        progress.advance(tensor.source_bytes * piece.shape[0] // tensor.shape[0], tensor.name,
+                         encoder.offset == tensor.shape[0])
+    if encoder is not None:
+        encoder.check_complete()
+        output_bytes, finished = output_bytes + encoder.nbytes, finished + 1
+    if finished != len(planned):
+        raise ConversionError(f"internal error: {len(planned) - finished} tensors produced no data")
     out.write(b"\0" * (-out.tell() % writer.data_alignment))
     out.flush()
     os.fsync(out.fileno())
     writer.close()
-    fallbacks = [f"{name}: {c.fallback_from.name} → {c.qtype.name} (row size not a multiple of the block)"
-                 for name, c in choices.items() if c.fallback_from is not None]
-    return ConversionReport(path, ckpt.layout, len(planned), 0, output_bytes, fallbacks)
+    return ConversionReport(path, ckpt.layout, len(planned), 0, output_bytes, fallback_lines(choices),
+                            recipe=recipe.name)
 
 
 def model_name(checkpoint_dir: Path) -> str:

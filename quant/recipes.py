@@ -71,3 +71,233 @@ def encode(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 def stored_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     return int(np.prod(shape, dtype=np.int64)) // block_size * type_size
+
+
+# --- recipes: which type each tensor gets, by role, tensor and layer -------------------------
+#
+# A recipe file is TOML:
+#
+#     [recipe]
+#     name = "sf-q4"                      # defaults to the file's stem
+#     description = "…"
+#     default = "Q4_K"                    # any quantizable matrix nothing below names
+#
+#     [roles]                             # embeddings, output, attention, shared_expert,
+#     attention = "Q8_0"                  # routed_experts, dense_ffn
+#
+#     [[rules]]                           # first matching rule wins, before [roles]
+#     tensor = "ffn_down_exps"            # GGUF base name (blk.N. and .weight stripped)
+#     layers = "first:12%, last:12%"      # "3", "0-3", "first:N", "last:N" (N or N%)
+#     type = "Q5_K"
+#
+#     [[rules]]
+#     pattern = 'blk\.1[0-9]\.ffn_up'     # regular expression searched in the full name
+#     type = "Q6_K"
+#
+# A rule may combine role, tensor, layers and pattern (all must match). Norms and the
+# router stay F32 whatever a recipe says.
+
+import re  # noqa: E402
+import tomllib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PRESET_DIR = Path(__file__).parent / "recipes"
+
+T = GGMLQuantizationType
+
+# llama.cpp's fallbacks (llama-quant.cpp tensor_type_fallback) for a row length that is not
+# a multiple of a 256-value super-block: a 32-block type of about the same size.
+FALLBACK = {
+    T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
+    T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL,
+    T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
+    T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+}
+
+# general.file_type for a recipe, named after the type of its routed experts (most of the bytes).
+FILE_TYPES = {
+    T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
+    T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q6_K: LlamaFileType.MOSTLY_Q6_K, T.Q5_K: LlamaFileType.MOSTLY_Q5_K_M,
+    T.Q5_0: LlamaFileType.MOSTLY_Q5_0, T.Q5_1: LlamaFileType.MOSTLY_Q5_1, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
+    T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1, T.Q3_K: LlamaFileType.MOSTLY_Q3_K_M,
+    T.Q2_K: LlamaFileType.MOSTLY_Q2_K, T.IQ4_XS: LlamaFileType.MOSTLY_IQ4_XS, T.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL,
+    T.IQ3_S: LlamaFileType.MOSTLY_IQ3_S, T.IQ3_XXS: LlamaFileType.MOSTLY_IQ3_XXS,
+    T.IQ2_S: LlamaFileType.MOSTLY_IQ2_S, T.IQ2_XS: LlamaFileType.MOSTLY_IQ2_XS,
+    T.IQ2_XXS: LlamaFileType.MOSTLY_IQ2_XXS, T.IQ1_M: LlamaFileType.MOSTLY_IQ1_M, T.IQ1_S: LlamaFileType.MOSTLY_IQ1_S,
+    T.TQ1_0: LlamaFileType.MOSTLY_TQ1_0, T.TQ2_0: LlamaFileType.MOSTLY_TQ2_0,
+}
+
+QUANTIZED_ROLES = ("embeddings", "output", "attention", "shared_expert", "routed_experts", "dense_ffn")
+
+
+def parse_type(text: str, where: str = "recipe") -> GGMLQuantizationType:
+    from quant.ggml import supported_types
+
+    try:
+        qtype = GGMLQuantizationType[str(text).upper()]
+    except KeyError:
+        qtype = None
+    if qtype is None or qtype not in supported_types():
+        raise ConversionError(f"{where}: unknown or unsupported type {text!r}; "
+                              f"types: {', '.join(t.name for t in supported_types())}")
+    return qtype
+
+
+def _layer_items(spec: str, n_layers: int) -> set[int]:
+    """"0-3, 7, first:2, last:12%" → layer indices (of a model with n_layers layers)."""
+    chosen: set[int] = set()
+    for item in str(spec).split(","):
+        item = item.strip().replace(" ", "")
+        if not item:
+            continue
+        m = re.fullmatch(r"(first|last):(\d+(?:\.\d+)?)(%?)", item)
+        if m:
+            count = float(m.group(2))
+            count = int(np.ceil(count * n_layers / 100)) if m.group(3) else int(count)
+            count = min(max(count, 1 if m.group(3) else count), n_layers)
+            chosen |= set(range(count)) if m.group(1) == "first" else set(range(n_layers - count, n_layers))
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not m:
+            raise ConversionError(f"recipe layers {spec!r}: cannot read {item!r} "
+                                  "(write e.g. \"0-3, 7, first:2, last:10%\")")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        chosen |= set(range(lo, hi + 1))
+    return chosen
+
+
+def base_name(name: str) -> str:
+    base = name.removesuffix(".weight").removesuffix(".bias")
+    return base.split(".", 2)[2] if base.startswith("blk.") else base
+
+
+@dataclass(frozen=True)
+class Rule:
+    qtype: GGMLQuantizationType
+    role: str | None = None
+    tensor: str | None = None
+    layers: str | None = None
+    pattern: str | None = None
+
+    def matches(self, name: str, role: str, layer: int | None, n_layers: int) -> bool:
+        if self.role is not None and role != self.role:
+            return False
+        if self.tensor is not None and base_name(name) != self.tensor:
+            return False
+        if self.layers is not None and (layer is None or layer not in _layer_items(self.layers, n_layers)):
+            return False
+        return self.pattern is None or re.search(self.pattern, name) is not None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    default: GGMLQuantizationType
+    roles: tuple[tuple[str, GGMLQuantizationType], ...] = ()
+    rules: tuple[Rule, ...] = ()
+    description: str = ""
+    # Per-tensor types fixed in advance (fit:<size> decides these); they win over everything.
+    fixed: tuple[tuple[str, GGMLQuantizationType], ...] = ()
+
+    def target(self, name: str, role: str, layer: int | None, n_layers: int) -> GGMLQuantizationType:
+        """The type asked for, before the F32 roles and block-size fallbacks apply."""
+        fixed = dict(self.fixed)
+        if name in fixed:
+            return fixed[name]
+        for rule in self.rules:
+            if rule.matches(name, role, layer, n_layers):
+                return rule.qtype
+        return dict(self.roles).get(role, self.default)
+
+    def choose(self, name: str, role: str, layer: int | None, shape: tuple[int, ...], n_layers: int) -> TypeChoice:
+        if len(shape) == 1 or role in F32_ROLES:
+            return TypeChoice(GGMLQuantizationType.F32)
+        return compatible(self.target(name, role, layer, n_layers), shape)
+
+    @property
+    def file_type(self) -> LlamaFileType:
+        qtype = dict(self.roles).get("routed_experts", self.default)
+        return FILE_TYPES.get(qtype, LlamaFileType.GUESSED)
+
+    def types_used(self) -> set[GGMLQuantizationType]:
+        return {self.default, *(t for _, t in self.roles), *(r.qtype for r in self.rules), *(t for _, t in self.fixed)}
+
+
+def compatible(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> TypeChoice:
+    """`qtype` if the rows split into its blocks, else llama.cpp's fallback, else F16."""
+    row = shape[-1]
+    if row % GGML_QUANT_SIZES[qtype][0] == 0:
+        return TypeChoice(qtype)
+    fallback = FALLBACK.get(qtype)
+    if fallback is not None and row % GGML_QUANT_SIZES[fallback][0] == 0:
+        return TypeChoice(fallback, fallback_from=qtype)
+    return TypeChoice(GGMLQuantizationType.F16, fallback_from=qtype)
+
+
+def single_type_recipe(qtype: GGMLQuantizationType, name: str | None = None) -> Recipe:
+    return Recipe(name or qtype.name.lower(), qtype, description=f"every matrix {qtype.name}")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A recipe from a built-in name (f32, f16, bf16, q8_0, any GGML type), a preset name or a TOML file."""
+    text = str(spec).strip()
+    if text.lower() in BUILTIN_RECIPES:
+        return single_type_recipe(BUILTIN_RECIPES[text.lower()][0])
+    path = Path(text)
+    if text.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise ConversionError(f"recipe file {path} does not exist")
+        return parse_recipe(path.read_text(encoding="utf-8"), path.stem, str(path))
+    preset = PRESET_DIR / f"{text.lower()}.toml"
+    if preset.is_file():
+        return parse_recipe(preset.read_text(encoding="utf-8"), preset.stem, f"preset {preset.stem}")
+    try:
+        qtype = GGMLQuantizationType[text.upper()]
+    except KeyError:
+        qtype = None
+    if qtype is not None:
+        return single_type_recipe(parse_type(text))
+    raise ConversionError(f"unknown recipe {text!r}; choose f32, f16, bf16, q8_0, a GGML type (e.g. q4_k), "
+                          f"a preset ({', '.join(preset_names())}), fit:SIZE or a .toml file")
+
+
+def parse_recipe(source: str, default_name: str, where: str) -> Recipe:
+    try:
+        data = tomllib.loads(source)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConversionError(f"{where}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"recipe", "roles", "rules"}
+    if unknown:
+        raise ConversionError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; "
+                              "expected [recipe], [roles], [[rules]]")
+    head = data.get("recipe", {})
+    if "default" not in head:
+        raise ConversionError(f"{where}: [recipe] needs a default type (e.g. default = \"Q4_K\")")
+    roles = []
+    for role, qtype in data.get("roles", {}).items():
+        if role not in QUANTIZED_ROLES:
+            raise ConversionError(f"{where}: unknown role {role!r} in [roles]; roles: {', '.join(QUANTIZED_ROLES)}")
+        roles.append((role, parse_type(qtype, f"{where} [roles] {role}")))
+    rules = []
+    for i, rule in enumerate(data.get("rules", [])):
+        extra = set(rule) - {"type", "role", "tensor", "layers", "pattern"}
+        if "type" not in rule or extra:
+            raise ConversionError(f"{where}: rule {i + 1} needs a type and only role, tensor, layers, pattern "
+                                  f"(got {', '.join(sorted(rule))})")
+        if rule.get("role") is not None and rule["role"] not in QUANTIZED_ROLES:
+            raise ConversionError(f"{where}: rule {i + 1}: unknown role {rule['role']!r}")
+        if rule.get("pattern") is not None:
+            try:
+                re.compile(rule["pattern"])
+            except re.error as exc:
+                raise ConversionError(f"{where}: rule {i + 1}: bad pattern {rule['pattern']!r}: {exc}") from None
+        if rule.get("layers") is not None:
+            _layer_items(rule["layers"], 1000)  # syntax check
+        rules.append(Rule(parse_type(rule["type"], f"{where} rule {i + 1}"), rule.get("role"), rule.get("tensor"),
+                          None if rule.get("layers") is None else str(rule["layers"]), rule.get("pattern")))
+    return Recipe(str(head.get("name", default_name)), parse_type(head["default"], f"{where} default"),
+                  tuple(roles), tuple(rules), str(head.get("description", "")))

@@ -142,14 +142,24 @@ def _messages(body: dict) -> list[dict]:
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind in ("image_url", "image", "input_image", "input_audio"):
+                if kind in ("image_url", "image"):
+                    if role != "user":
+                        raise LineError("invalid_request", f"{where}.content[{j}]: only user messages take images")
+                    url = part.get("image_url") if kind == "image_url" else part.get("image")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url:
+                        raise LineError("invalid_request", f"{where}.content[{j}] must be {{\"type\": "
+                                                           "\"image_url\", \"image_url\": {\"url\": PATH or "
+                                                           "data: URL}}")
+                    continue
+                if kind in ("input_image", "input_audio"):
                     raise LineError("invalid_request", f"{where}.content[{j}] is an {kind}: batch jobs take "
-                                                       "text only for now")
+                                                       "text and image_url parts")
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise LineError("invalid_request", f"{where}.content[{j}] must be {{\"type\": \"text\", "
                                                        f"\"text\": …}}")
         elif not isinstance(content, str):
-            raise LineError("invalid_request", f"{where}.content must be a string or a list of text parts")
+            raise LineError("invalid_request", f"{where}.content must be a string or a list of text and image parts")
     return messages
 
 
@@ -610,6 +620,18 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def _load_projector(llm, model: Path, mmproj: Path | None, jobs: list[Job], *, gpu: bool) -> None:
+    """The vision projector, when some line has an image; if it cannot load, those lines get the reason."""
+    from smallfour.vision import attach_projector, find_mmproj, image_sources, open_projector
+
+    if not any(job.request is not None and image_sources(job.request.messages) for job in jobs):
+        return
+    try:
+        attach_projector(llm, open_projector(llm, find_mmproj(model, mmproj), use_gpu=gpu))
+    except SmallfourError as exc:
+        attach_projector(llm, None, error=str(exc))
+
+
 @with_placement_options
 def batch_command(
     model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF "
@@ -631,6 +653,8 @@ def batch_command(
                                                     "is forced and the model answers."),
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens; a request "
                                                          "whose prompt does not fit gets an error line."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF for lines with images "
+                                                                  "(default: MODEL's name + -mmproj.gguf beside it)."),
     verbose: bool = VERBOSE,
     placement: PlacementFlags = None,
 ) -> None:
@@ -657,6 +681,7 @@ def batch_command(
     try:
         llm = load_model(path, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, placement=layout)
         jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab())
+        _load_projector(llm, path, mmproj, jobs, gpu=layout.n_gpu_layers != 0)
         model_name = path.name.removesuffix(".gguf")
         with _Interrupt() as interrupt, _RichProgress(err) as bars:
             summary = run_jobs(llm, jobs, sink, model_name=model_name, done=done, progress=bars,

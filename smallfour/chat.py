@@ -45,6 +45,7 @@ from smallfour.options import (GENERATION_HELP, SEED, TEMPERATURE, TOP_K, TOP_P,
 from smallfour.errors import SmallfourError
 from smallfour.generate import (EFFORTS, PRESETS, ChatRequest, GenerationResult, complete, prompt_tokens,
                                 resolve_request)
+from smallfour.vision import with_images
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -61,7 +62,7 @@ HELP = [
     ("/reset", "forget the conversation (the system prompt stays)"),
     ("/save FILE", "write the conversation as a JSON messages list (`smallfour run --messages FILE` reads it)"),
     ("/load FILE", "replace the conversation with a JSON messages list"),
-    ("/image PATH", "attach an image (needs vision support: not yet)"),
+    ("/image PATH", "attach an image to your next message (repeat for several)"),
     ("/help", "this list"),
     ("/exit", "leave (Ctrl-D does too)"),
 ]
@@ -122,6 +123,9 @@ class Session:
     messages: list[dict[str, Any]] = field(default_factory=list)  # without the system prompt
     last: TurnStats | None = None
     turns: int = 0
+    images: list[str] = field(default_factory=list)  # attached with /image, sent with the next message
+    model: Path | None = None  # where /image looks for the vision projector
+    mmproj: Path | None = None  # --mmproj
 
     def conversation(self) -> list[dict[str, Any]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -317,7 +321,7 @@ def _reuse_probe(llm) -> tuple[dict[str, int], Callable[[], None]]:
 
 def run_turn(session: Session, console: Console, text: str, *, live: bool) -> None:
     """Send one user message, stream the reply, keep it in the conversation."""
-    session.messages.append({"role": "user", "content": text})
+    session.messages.append({"role": "user", "content": with_images(text, session.images)})
     try:
         request = session.request()
     except SmallfourError:
@@ -371,6 +375,7 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
     if not live and streamed["channel"] is not None:
         console.file.write("\n")
 
+    session.images = []  # they went with this message
     session.turns += 1
     session.last = TurnStats(result, request.effort or "none", probe.get("reused", 0),
                              probe.get("evaluated", result.prompt_tokens), interrupted, llm.n_tokens, llm.n_ctx())
@@ -566,10 +571,30 @@ def run_command(session: Session, console: Console, line: str) -> bool:
         count = load_conversation(session, path)
         note(f"loaded {count} messages from {path}" + (" and its system prompt" if session.system else ""))
     elif name == "/image":
-        console.print(Text("images arrive with vision support (not yet)", style="yellow"))
+        if not arg:
+            raise SmallfourError("usage: /image PATH")
+        image = attach_image(session, arg)
+        count = len(session.images)
+        note(f"attached {image.label} ({image.width}×{image.height} px, {image.n_tokens} tokens); "
+             f"{'it goes' if count == 1 else f'{count} images go'} with your next message")
     else:
         raise SmallfourError(f"unknown command {name}; /help lists them")
     return True
+
+
+def attach_image(session: Session, source: str):
+    """Check an image and queue it for the next message; the projector loads on first use."""
+    from smallfour.vision import attach_projector, find_mmproj, open_projector, prepare_all
+
+    source = str(Path(source).expanduser()) if not source.startswith("data:") else source
+    if getattr(session.llm, "_smallfour_projector", None) is None:
+        if session.model is None:
+            raise SmallfourError("this session has no model file to find a vision projector beside")
+        path = find_mmproj(session.model, session.mmproj)
+        attach_projector(session.llm, open_projector(session.llm, path))
+    image = prepare_all([source], session.llm._smallfour_projector.geometry)[0]
+    session.images.append(source)
+    return image
 
 
 def _noter(console: Console) -> Callable[[str], None]:
@@ -627,6 +652,8 @@ def chat_command(
     seed: Optional[int] = SEED,
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens: the whole "
                                                         "conversation must fit."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF for /image (default: "
+                                                                  "MODEL's name + -mmproj.gguf beside it)."),
     verbose: bool = VERBOSE,
     placement: PlacementFlags = None,
 ) -> None:
@@ -640,7 +667,8 @@ def chat_command(
     model = resolve_gguf(model)
     overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                                       seed=seed, think_budget=think_budget).items() if v is not None}
-    session = Session(llm=None, preset=preset, effort=effort, system=system, overrides=overrides)
+    session = Session(llm=None, preset=preset, effort=effort, system=system, overrides=overrides, model=model,
+                      mmproj=mmproj)
     session.request()  # bad --preset / --effort fail here, before the model loads
     layout = placement.resolve(model, ctx)
     console = Console(highlight=False)

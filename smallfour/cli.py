@@ -18,10 +18,12 @@ from smallfour.batch import batch_command
 from smallfour.chat import chat_command
 from smallfour.doctor import doctor_command
 from smallfour.errors import SmallfourError
+from smallfour.imatrix import imatrix_command
 from smallfour.options import (GENERATION_HELP, SEED, TEMPERATURE, TOP_K, TOP_P, VERBOSE, PlacementFlags, err, out,
                                read_json_file, reports_errors, with_placement_options)
 from smallfour.plan_cli import plan as plan_command
 from smallfour.pull import pull_command
+from smallfour.quantize import RECIPE_HELP, quantize_command
 from smallfour.store import models_command, rm_command
 
 app = typer.Typer(
@@ -71,20 +73,34 @@ def convert(
                                           "or Mistral layout (params.json), BF16 or FP8; or a pulled repo id "
                                           "OWNER/NAME\\[@REVISION]."),
     output: Path = typer.Option(..., "-o", "--output", help="GGUF file to write."),
-    recipe: str = typer.Option("bf16", "--recipe", help="Output type: f32, f16, bf16 or q8_0."),
+    recipe: str = typer.Option("bf16", "--recipe", help="Output types: " + RECIPE_HELP),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp imatrix GGUF) "
+                                                                   "for the quantized types."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantization threads (default: all CPUs)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    no_mmproj: bool = typer.Option(False, "--no-mmproj", help="Skip the vision projector GGUF."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Where to write the vision projector "
+                                                                  "(default: OUTPUT's name + -mmproj.gguf)."),
+    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="Vision projector type: f16, f32 or q8_0."),
 ) -> None:
     """Convert a released checkpoint to a GGUF file llama.cpp can run."""
     from convert.writer import convert_checkpoint
     from smallfour.store import resolve_checkpoint
 
+    if no_mmproj and mmproj is not None:
+        raise SmallfourError("give either --no-mmproj or --mmproj PATH, not both")
     with _progress_bars() as bars:
         report = convert_checkpoint(resolve_checkpoint(source), output, recipe, force=force,
-                                    progress=ConversionProgress(bars))
+                                    progress=ConversionProgress(bars), mmproj=not no_mmproj, mmproj_output=mmproj,
+                                    mmproj_type=mmproj_type, imatrix=imatrix, threads=threads)
     for line in report.fallbacks:
         err.print(f"[yellow]fallback[/] {line}", highlight=False)
-    err.print(f"wrote {report.output} ({report.tensors} tensors, {report.output_bytes / 1e6:.1f} MB of weights "
+    err.print(f"wrote {report.output} (recipe {report.recipe}, {report.tensors} tensors, "
+              f"{report.output_bytes / 1e6:.1f} MB of weights "
               f"from {report.source_bytes / 1e6:.1f} MB, {report.layout} layout)", highlight=False)
+    if report.mmproj is not None:
+        err.print(f"wrote {report.mmproj.output} (vision projector, {report.mmproj.tensors} tensors, "
+                  f"{report.mmproj.output_bytes / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -118,6 +134,32 @@ def inspect(
     roles.add_row("total", "", str(total["count"]), f"{total['parameters']:,}", f"{total['bytes']:,}",
                   f"{total['bits_per_weight']:.2f}", style="bold")
     out.print(roles)
+    _print_recipe(info)
+
+
+def _print_recipe(info: dict) -> None:
+    """The recipe a GGUF was quantized with, and the types it gave each layer."""
+    recipe = info.get("recipe") or {}
+    if recipe.get("name"):
+        extra = f" — {recipe['description']}" if recipe.get("description") else ""
+        imatrix = f" (imatrix {recipe['imatrix']})" if recipe.get("imatrix") else ""
+        out.print(f"recipe: [bold]{recipe['name']}[/]{extra}{imatrix}", highlight=False)
+    layers = info.get("layers") or []
+    if not layers:
+        return
+    def types(row: dict, keys) -> str:
+        return "/".join(sorted({t for k, t in row["types"].items() if k in keys}))
+
+    groups = {"attention": ("attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"),
+              "experts gate_up": ("ffn_gate_up_exps",), "experts down": ("ffn_down_exps",),
+              "shared expert": ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"),
+              "dense ffn": ("ffn_gate", "ffn_up", "ffn_down")}
+    shown = {label: keys for label, keys in groups.items() if any(types(row, keys) for row in layers)}
+    table = Table("layer", *shown, "bits/weight", title="Types per layer", title_justify="left")
+    for row in layers:
+        table.add_row(str(row["layer"]), *(types(row, keys) for keys in shown.values()),
+                      f"{row['bits_per_weight']:.2f}")
+    out.print(table)
 
 
 def request_messages(prompt: str | None, messages_file: Path | None, system: str | None) -> list[dict]:
@@ -153,6 +195,10 @@ def run(
     messages_file: Optional[Path] = typer.Option(None, "--messages", help="A JSON file with a whole conversation "
                                                                            "(OpenAI-style messages) instead of -p."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    images: Optional[list[str]] = typer.Option(None, "--image", help="Image file (PNG, JPEG, WebP, …) to show the "
+                                                                     "model with the prompt; repeat for several."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF (default: "
+                                                                  "MODEL's name + -mmproj.gguf beside it)."),
     tools_file: Optional[Path] = typer.Option(None, "--tools", help="JSON file with OpenAI-style tool definitions; "
                                                                      "tool calls come back in --json as tool_calls."),
     preset: str = typer.Option("instant", "--preset", rich_help_panel=GENERATION_HELP,
@@ -185,10 +231,13 @@ def run(
     from smallfour.generate import dry_run as render_only
     from smallfour.generate import one_shot, resolve_request
     from smallfour.store import resolve_gguf
+    from smallfour.vision import attach_images, check_images
 
     model = resolve_gguf(model)
     tools = read_json_file(tools_file, "tools") if tools_file is not None else None
-    request = resolve_request(request_messages(prompt, messages_file, system), preset=preset, effort=effort,
+    messages = attach_images(request_messages(prompt, messages_file, system), images or [])
+    projector = check_images(model, messages, mmproj)
+    request = resolve_request(messages, preset=preset, effort=effort,
                               think_budget=think_budget, tools=tools, max_tokens=max_tokens,
                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if dry_run:
@@ -197,7 +246,7 @@ def run(
         return
     stream = None if as_json else functools.partial(_stream, hide_thinking=hide_thinking)
     result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type,
-                      placement=placement.resolve(model, ctx), on_text=stream)
+                      placement=placement.resolve(model, ctx), on_text=stream, mmproj=projector)
     if as_json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
         return
@@ -239,6 +288,8 @@ app.command(name="models")(reports_errors(models_command))
 app.command(name="rm")(reports_errors(rm_command))
 app.command(name="doctor")(reports_errors(doctor_command))
 app.command(name="plan")(reports_errors(plan_command))
+app.command(name="quantize")(reports_errors(quantize_command))
+app.command(name="imatrix")(reports_errors(imatrix_command))
 
 
 def main() -> None:

@@ -117,6 +117,14 @@ def check_effort(effort: str | None) -> None:
 
 def prompt_tokens(llm, request: ChatRequest) -> tuple[str, list[int]]:
     """The rendered prompt and its token ids, exactly as mistral-common would encode the request."""
+    text, tokens, _ = prompt_with_images(llm, request)
+    return text, tokens
+
+
+def prompt_with_images(llm, request: ChatRequest):
+    """Prompt text, token ids (images expanded to mistral-common's grids) and where each image sits."""
+    from smallfour.vision import expand_request
+
     check_effort(request.effort)
     settings: dict[str, Any] = {}
     if request.effort is not None:
@@ -124,7 +132,8 @@ def prompt_tokens(llm, request: ChatRequest) -> tuple[str, list[int]]:
     if request.tools:
         settings["tools"] = request.tools
     segments = render_segments(chat_template(llm), request.messages, **settings)
-    return "".join(s.text for s in segments), tokenize_prompt(llm, segments)
+    tokens, spans = expand_request(llm, request.messages, tokenize_prompt(llm, segments))
+    return "".join(s.text for s in segments), tokens, spans
 
 
 class _Stream:
@@ -142,8 +151,18 @@ class _Stream:
 def complete(llm, request: ChatRequest, *, on_text: Callable[[str, str], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate one assistant turn. `on_text(channel, text)` gets "reasoning" and "content" pieces."""
-    _, tokens = prompt_tokens(llm, request)
-    return continue_tokens(llm, tokens, request, on_text=on_text, should_stop=should_stop)
+    _, tokens, spans = prompt_with_images(llm, request)
+    if not spans:
+        return continue_tokens(llm, tokens, request, on_text=on_text, should_stop=should_stop)
+    # Images go in through libmtmd first; generate() then finds the whole prompt cached.
+    from smallfour.vision import eval_prompt, projector_of
+
+    started = time.perf_counter()
+    eval_prompt(llm, projector_of(llm), tokens, spans)
+    images_ms = (time.perf_counter() - started) * 1000.0
+    result = continue_tokens(llm, tokens, request, on_text=on_text, should_stop=should_stop)
+    result.prompt_ms += images_ms
+    return result
 
 
 def continue_tokens(llm, tokens: list[int], request: ChatRequest, *,
@@ -303,9 +322,13 @@ def resolve_request(messages: list[Message], *, preset: str | None = None, effor
 
 def one_shot(model: Path, request: ChatRequest, *, n_ctx: int = 4096, verbose: bool = False, kv_type: str = "f16",
              placement: Placement | None = None,
-             on_text: Callable[[str, str], None] | None = None) -> GenerationResult:
+             on_text: Callable[[str, str], None] | None = None, mmproj: Path | None = None) -> GenerationResult:
     llm = load_model(model, n_ctx=n_ctx, seed=request.sampling.seed, verbose=verbose, kv_type=kv_type,
                      placement=placement)
+    if mmproj is not None:
+        from smallfour.vision import attach_projector, open_projector
+
+        attach_projector(llm, open_projector(llm, mmproj, use_gpu=(placement or Placement()).n_gpu_layers != 0))
     return complete(llm, request, on_text=on_text)
 
 

@@ -31,6 +31,14 @@ def describe(path: Path) -> dict:
         group["count"] += 1
         group["parameters"] += int(np.prod(shape, dtype=np.int64))
         group["bytes"] += stored_nbytes(shape, qtype)
+    layers: dict[int, dict] = {}
+    for name, dims, type_id in table:
+        if name.startswith("blk."):
+            layer = layers.setdefault(int(name.split(".")[1]), {"types": {}, "parameters": 0, "bytes": 0})
+            shape, qtype = tuple(reversed(dims)), GGMLQuantizationType(type_id)
+            layer["types"][name.split(".")[2]] = qtype.name
+            layer["parameters"] += int(np.prod(shape, dtype=np.int64))
+            layer["bytes"] += stored_nbytes(shape, qtype)
     order = {role: i for i, role in enumerate(ROLES)}
     roles = [
         {"role": role, "type": qtype, **g, "bits_per_weight": round(8 * g["bytes"] / g["parameters"], 3)}
@@ -49,4 +57,10 @@ def describe(path: Path) -> dict:
         "tensors": {"count": len(table), "parameters": total_params, "bytes": total_bytes,
                     "bits_per_weight": round(8 * total_bytes / max(total_params, 1), 3)},
         "roles": roles,
+        # The quantization recipe that wrote the file (smallfour metadata), and the types it gave each layer.
+        "recipe": {"name": fields.get("smallfour.recipe"),
+                   "description": fields.get("smallfour.recipe_description"),
+                   "imatrix": fields.get("smallfour.imatrix")},
+        "layers": [{"layer": i, **g, "bits_per_weight": round(8 * g["bytes"] / max(g["parameters"], 1), 3)}
+                   for i, g in sorted(layers.items())],
     }

@@ -36,7 +36,7 @@ from convert.config import TextConfig, from_hf_config, from_native_params
 from convert.errors import ConversionError
 from convert.mistral4 import (ROLE_EMBEDDINGS, ROLE_OUTPUT, ROLE_ROUTED_EXPERTS,
                               ROLE_SHARED_EXPERT, ROLES, expected_shapes, role_of_gguf_name)
-from quant.recipes import BUILTIN_RECIPES, choose_type, stored_nbytes
+from quant.recipes import BUILTIN_RECIPES, Recipe, choose_type, load_recipe, single_type_recipe, stored_nbytes
 from smallfour.errors import SmallfourError
 
 # --- assumptions, all in one place ---------------------------------------------------------
@@ -191,16 +191,36 @@ def recipe_type(recipe: str) -> GGMLQuantizationType:
 
 def is_plan_only(recipe: str) -> bool:
     """True for recipes the planner can size but `smallfour convert` does not produce yet."""
-    return recipe.lower() not in BUILTIN_RECIPES
+    try:
+        load_recipe(recipe)
+    except ConversionError:
+        return True
+    return False
+
+
+def recipe_for(recipe: str, tensors: list[TensorInfo] | tuple[TensorInfo, ...], n_layers: int) -> Recipe:
+    """A recipe the converter would apply: a ladder type, a preset, a TOML file or fit:SIZE
+    (solved for `tensors`, the same size model `smallfour convert` uses)."""
+    if recipe.lower() in RECIPE_LADDER:
+        return single_type_recipe(recipe_type(recipe))
+    from quant.pipeline import TensorSlot, resolve_recipe_spec
+
+    try:
+        return resolve_recipe_spec(recipe, [TensorSlot(t.name, t.role, t.layer, t.shape) for t in tensors], n_layers)
+    except ConversionError as exc:
+        raise SmallfourError(str(exc)) from None
 
 
 def _typed(name: str, role: str, layer: int | None, shape: tuple[int, ...],
-           recipe: GGMLQuantizationType) -> TensorInfo:
-    qtype = choose_type(recipe, role, shape).qtype
+           recipe: GGMLQuantizationType | Recipe, n_layers: int = 0) -> TensorInfo:
+    if isinstance(recipe, Recipe):
+        qtype = recipe.choose(name, role, layer, shape, n_layers).qtype
+    else:
+        qtype = choose_type(recipe, role, shape).qtype
     return TensorInfo(name, role, layer, shape, qtype, stored_nbytes(shape, qtype))
 
 
-def _config_tensors(cfg: TextConfig, recipe: GGMLQuantizationType) -> list[TensorInfo]:
+def _config_tensors(cfg: TextConfig, recipe: GGMLQuantizationType | Recipe) -> list[TensorInfo]:
     """Every GGUF tensor the converter writes for `cfg`, in file order (see convert.mistral4.plan_tensors)."""
     from convert.mistral4 import ROLE_OF
 
@@ -217,7 +237,7 @@ def _config_tensors(cfg: TextConfig, recipe: GGMLQuantizationType) -> list[Tenso
             keys += [k for k in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp") if k in shapes]
         else:
             keys += ["ffn_gate", "ffn_up", "ffn_down"]
-        tensors += [_typed(f"blk.{i}.{k}.weight", ROLE_OF[k], i, shapes[k], recipe) for k in keys]
+        tensors += [_typed(f"blk.{i}.{k}.weight", ROLE_OF[k], i, shapes[k], recipe, cfg.n_layers) for k in keys]
     tensors.append(_typed("output_norm.weight", "norm", None, (cfg.hidden_size,), recipe))
     if not cfg.tie_embeddings:
         tensors.append(_typed("output.weight", ROLE_OUTPUT, None, (cfg.vocab_size, cfg.hidden_size), recipe))
@@ -225,7 +245,7 @@ def _config_tensors(cfg: TextConfig, recipe: GGMLQuantizationType) -> list[Tenso
 
 
 def model_from_config(cfg: TextConfig, recipe: str = "bf16", name: str = "config") -> ModelInfo:
-    tensors = _config_tensors(cfg, recipe_type(recipe))
+    tensors = _config_tensors(cfg, recipe_for(recipe, _config_tensors(cfg, GGMLQuantizationType.F32), cfg.n_layers))
     return ModelInfo(name=name, source="config", recipe=recipe.lower(), n_layers=cfg.n_layers,
                      hidden_size=cfg.hidden_size, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
                      kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, n_experts=cfg.n_experts,
@@ -353,6 +373,7 @@ def model_from_gguf(path: Path) -> ModelInfo:
     file_type = fields.get("general.file_type")
     recipe = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower() \
         if file_type is not None else "?"
+    recipe = fields.get("smallfour.recipe") or recipe  # the recipe smallfour wrote it with
     return ModelInfo(
         name=path.name, source="gguf", recipe=recipe, n_layers=hparam("block_count"),
         hidden_size=hparam("embedding_length"), n_heads=hparam("attention.head_count"),
@@ -364,8 +385,8 @@ def model_from_gguf(path: Path) -> ModelInfo:
 
 def retyped(model: ModelInfo, recipe: str) -> ModelInfo:
     """The same model converted with another recipe (norms and router stay F32, as in convert)."""
-    qtype = recipe_type(recipe)
-    tensors = tuple(_typed(t.name, t.role, t.layer, t.shape, qtype) for t in model.tensors)
+    chosen = recipe_for(recipe, model.tensors, model.n_layers)
+    tensors = tuple(_typed(t.name, t.role, t.layer, t.shape, chosen, model.n_layers) for t in model.tensors)
     return replace(model, recipe=recipe.lower(), tensors=tensors)
 
 

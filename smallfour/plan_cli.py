@@ -44,8 +44,9 @@ def plan(
                                                                 "directory): plan before downloading anything."),
     builtin: Optional[str] = typer.Option(None, "--model", help="Built-in config: mistral-small-4 (the real "
                                                                 "119B hyper-parameters)."),
-    recipe: str = typer.Option("bf16", "--recipe", help="With --config/--model: f32, f16, bf16, q8_0; sized only: "
-                                                        "q6_k, q5_k, q4_k, q3_k, q2_k."),
+    recipe: str = typer.Option("bf16", "--recipe", help="With --config/--model: f32, f16, bf16, q8_0, any GGML type "
+                                                        "(q4_k…), a preset (sf-q4…, docs/recipes.md), fit:SIZE or a "
+                                                        "recipe .toml."),
     hw_profile: Optional[str] = typer.Option(None, "--profile", help=f"Hardware profile: {PROFILE_NAMES}."),
     gpu: Optional[list[str]] = typer.Option(None, "--gpu", help="A GPU, repeated per GPU: h100, h200, a100, "
                                                                 "rtx4090, or a size like 80GB (GB = GiB), "

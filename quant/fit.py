@@ -1,0 +1,144 @@
+"""`--recipe fit:SIZE`: routed-expert types per layer so that the file lands just under SIZE.
+
+Everything but the routed experts gets fixed types (BASE_ROLES, ~3 B weights of the real
+model); each routed-expert tensor (one `ffn_gate_up_exps` and one `ffn_down_exps` per
+layer: one GGUF tensor has one type) then gets a type from a ladder, greedily: start every
+tensor on the lowest rung and repeatedly take the upgrade that buys the most error
+reduction per byte, while it fits.
+
+Error model: a type's relative RMS error on Gaussian rows (RELATIVE_RMSE, measured with
+quant.ggml), squared, weighted per tensor by
+
+- with an imatrix: the tensor's mean importance (mean squared input activation, all
+  experts) divided by the mean of the tensors of its kind (gate_up or down), so the layers
+  whose experts see large activations get the bits;
+- without one, the heuristic llama.cpp's recipes use: down projections ×1.5, the first and
+  last 11 % of layers ×2.
+
+Sizes come from `stored_nbytes` (the same function the planner uses), plus the GGUF
+overhead (header, vocabulary, alignment) when the caller knows it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from convert.errors import ConversionError
+from quant.recipes import Recipe, compatible, stored_nbytes
+
+T = GGMLQuantizationType
+
+# Relative RMS error (RMSE / RMS of the values) on standard-normal rows of 512, no imatrix.
+RELATIVE_RMSE = {
+    T.Q8_0: 0.0054, T.Q6_K: 0.0177, T.Q5_K: 0.0363, T.Q4_K: 0.0712, T.IQ4_XS: 0.0769, T.Q3_K: 0.152,
+    T.IQ3_S: 0.166, T.IQ3_XXS: 0.190, T.Q2_K: 0.296, T.IQ2_S: 0.257, T.IQ2_XS: 0.311, T.IQ2_XXS: 0.353,
+}
+LADDER_PLAIN = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+LADDER_IMATRIX = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+BASE_ROLES = (("embeddings", T.Q4_K), ("output", T.Q6_K), ("attention", T.Q8_0), ("shared_expert", T.Q8_0),
+              ("dense_ffn", T.Q8_0))
+EDGE_FRACTION = 0.11
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*(tb|tib|gb|gib|mb|mib|b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "mb": 10**6, "gb": 10**9, "tb": 10**12, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(text: str) -> int:
+    """"60GB" (10^9 bytes, as file sizes are usually quoted), "56GiB" (2^30), "500MB" → bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConversionError(f"fit:{text}: cannot read the size; write e.g. fit:60GB or fit:56GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "gb").lower()])
+
+
+def _is_edge(layer: int | None, n_layers: int) -> bool:
+    if layer is None:
+        return False
+    edge = max(1, int(np.ceil(EDGE_FRACTION * n_layers)))
+    return layer < edge or layer >= n_layers - edge
+
+
+def _kind(name: str) -> str:
+    return "down" if "down" in name else "gate_up"
+
+
+def fit_recipe(budget: int, slots, n_layers: int, importance: dict[str, np.ndarray] | None = None, *,
+               overhead_bytes: int = 0, name: str = "fit") -> Recipe:
+    base = Recipe(name, T.Q8_0, BASE_ROLES)
+    experts = [s for s in slots if s.role == "routed_experts"]
+    fixed_bytes = overhead_bytes + sum(
+        stored_nbytes(s.shape, base.choose(s.name, s.role, s.layer, s.shape, n_layers).qtype)
+        for s in slots if s.role != "routed_experts")
+    if not experts:
+        raise ConversionError("fit: this model has no routed-expert tensors to size")
+    from quant.pipeline import tensor_importance
+
+    with_imatrix = importance is not None and all(tensor_importance(importance, s) is not None for s in experts)
+    ladder = LADDER_IMATRIX if with_imatrix else LADDER_PLAIN
+    weights = _weights(experts, n_layers, importance if with_imatrix else None)
+
+    def size(slot, rung: int) -> int:
+        return stored_nbytes(slot.shape, compatible(ladder[rung], slot.shape).qtype)
+
+    def cost(slot, rung: int) -> float:
+        return RELATIVE_RMSE[ladder[rung]] ** 2
+
+    rung = {s.name: 0 for s in experts}
+    total = fixed_bytes + sum(size(s, 0) for s in experts)
+    if total > budget:
+        raise ConversionError(f"fit: {budget / 1e9:.2f} GB is too small; the smallest this model gets is "
+                              f"{total / 1e9:.2f} GB (experts {ladder[0].name}"
+                              f"{'' if with_imatrix else '; an imatrix allows IQ2 types'})")
+
+    def best_step(s) -> tuple[float, int] | None:
+        here, best = rung[s.name], None
+        for k in range(here + 1, len(ladder)):
+            extra = size(s, k) - size(s, here)
+            gain = weights[s.name] * s_params(s) * (cost(s, here) - cost(s, k))
+            if extra > 0 and gain > 0 and (best is None or gain / extra > best[0]):
+                best = (gain / extra, k)
+        return best
+
+    heap = []
+    for i, s in enumerate(experts):
+        step = best_step(s)
+        if step:
+            heapq.heappush(heap, (-step[0], i, step[1]))
+    while heap:
+        _, i, k = heapq.heappop(heap)
+        s = experts[i]
+        extra = size(s, k) - size(s, rung[s.name])
+        if total + extra > budget:
+            continue  # the next upgrade of this tensor does not fit; others may
+        total += extra
+        rung[s.name] = k
+        step = best_step(s)
+        if step:
+            heapq.heappush(heap, (-step[0], i, step[1]))
+    fixed = tuple((s.name, ladder[rung[s.name]]) for s in experts)
+    described = f"fitted to {_size(budget)} ({_size(total)} planned), " + \
+        ("imatrix-weighted" if with_imatrix else "heuristic: down projections and first/last layers first")
+    return Recipe(name, T.Q8_0, BASE_ROLES, (), described, fixed)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def s_params(slot) -> int:
+    return int(np.prod(slot.shape, dtype=np.int64))
+
+
+def _weights(experts, n_layers: int, importance) -> dict[str, float]:
+    if importance is None:
+        return {s.name: (1.5 if _kind(s.name) == "down" else 1.0) * (2.0 if _is_edge(s.layer, n_layers) else 1.0)
+                for s in experts}
+    from quant.pipeline import tensor_importance
+
+    means = {s.name: float(np.mean(tensor_importance(importance, s))) for s in experts}
+    kind_mean = {k: np.mean([m for n, m in means.items() if _kind(n) == k]) or 1.0 for k in ("down", "gate_up")}
+    return {n: max(m / kind_mean[_kind(n)], 1e-6) for n, m in means.items()}

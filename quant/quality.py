@@ -1,0 +1,91 @@
+"""How far a quantized GGUF's predictions move from a reference GGUF's, on text, through llama.cpp.
+
+The measure `llama-perplexity --kl-divergence` reports: over every position of
+held-out text (chunks of `n_ctx` tokens, `<s>` first, KV cache cleared between
+chunks), the KL divergence KL(P_ref ‖ P_quant) of the next-token distributions
+over the whole vocabulary, and how often both models rank the same token first.
+All models run in lockstep chunk by chunk, so only one chunk of reference
+logits is held at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Divergence:
+    positions: int = 0
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+    top1_same: int = 0
+    nll_sum: float = 0.0  # of the quantized model on the text's next tokens
+
+    @property
+    def kl(self) -> float:
+        return self.kl_sum / max(self.positions, 1)
+
+    @property
+    def top1(self) -> float:
+        return self.top1_same / max(self.positions, 1)
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.nll_sum / max(self.positions, 1)))
+
+
+def text_chunks(llm, text: str, n_ctx: int) -> list[list[int]]:
+    """The text's tokens in whole chunks of `n_ctx`, each starting with `<s>` (as llama-perplexity does)."""
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    bos = llm.token_bos()
+    return [[bos, *tokens[i * n_ctx + 1:(i + 1) * n_ctx]] for i in range(len(tokens) // n_ctx)]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def chunk_logits(llm, chunk: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(chunk)
+    return np.array(llm.scores[: len(chunk)], dtype=np.float32)
+
+
+def measure(reference: Path, variants: dict[str, Path], chunks: list[list[int]], n_ctx: int,
+            threads: int | None = None, group: int = 6) -> dict[str, Divergence]:
+    """KL / top-1 / perplexity of every variant against `reference` over `chunks`.
+
+    At most `group` variants are loaded at once (the reference runs again for each group).
+    """
+    from smallfour.runtime import load_model
+
+    def load(path: Path):
+        return load_model(path, n_ctx=n_ctx, logits_all=True, kv_type="f32", n_threads=threads)
+
+    results = {label: Divergence() for label in variants}
+    labels = list(variants)
+    ref_llm = load(reference)
+    for first in range(0, len(labels), group):
+        models = {label: load(variants[label]) for label in labels[first:first + group]}
+        for chunk in chunks:
+            ref = log_softmax(chunk_logits(ref_llm, chunk))[:-1]
+            p = np.exp(ref)
+            ref_top = ref.argmax(-1)
+            targets = np.array(chunk[1:])
+            for label, llm in models.items():
+                got = log_softmax(chunk_logits(llm, chunk))[:-1]
+                kl = (p * (ref - got)).sum(-1)
+                r = results[label]
+                r.positions += len(kl)
+                r.kl_sum += float(kl.sum())
+                r.kl_max = max(r.kl_max, float(kl.max()))
+                r.top1_same += int((got.argmax(-1) == ref_top).sum())
+                r.nll_sum += float(-got[np.arange(len(targets)), targets].sum())
+        for llm in models.values():
+            llm.close()
+        del models
+    return results

@@ -1,0 +1,150 @@
+"""The quantizing pipeline end to end: convert --recipe, quantize, --imatrix, fit, inspect, llama.cpp runs it.
+
+The fixture's rows are multiples of 256 (tests/quant_fixtures.py), so K-quants and IQ types
+apply unchanged; reference logits come from the same fixture converted to f32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from typer.testing import CliRunner
+
+from convert.errors import ConversionError
+from convert.writer import convert_checkpoint
+from quant import ggml
+from quant.gguf_io import read_table
+from quant.requantize import requantize
+from quant_fixtures import KQUANT, KQUANT_FP8
+from smallfour.cli import app
+from smallfour.runtime import load_model
+
+
+def same_tensors(a, b) -> bool:
+    ta, tb = read_table(a), read_table(b)
+    return [(t.name, t.qtype) for t in ta.tensors] == [(t.name, t.qtype) for t in tb.tensors] and all(
+        np.array_equal(ta.array(x), tb.array(y)) for x, y in zip(ta.tensors, tb.tensors))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, checkpoint):
+    made = {}
+    root = tmp_path_factory.mktemp("quantized")
+
+    def make(recipe: str, spec=KQUANT, imatrix=None):
+        key = (recipe, spec, imatrix)
+        if key not in made:
+            path = root / f"{spec.name}-{recipe.replace(':', '_')}-{len(made)}.gguf"
+            convert_checkpoint(checkpoint(spec), path, recipe, mmproj=False, imatrix=imatrix)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+def logits(path, tokens):
+    llm = load_model(path, n_ctx=128, logits_all=True, kv_type="f32")
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32), llm
+
+
+def test_one_pass_equals_convert_then_quantize(quantized, converted, tmp_path):
+    """BF16 checkpoint: convert --recipe sf-q4 writes the same tensors as bf16 GGUF → quantize."""
+    requantize(converted(KQUANT, "bf16"), tmp_path / "re.gguf", "sf-q4")
+    assert same_tensors(quantized("sf-q4"), tmp_path / "re.gguf")
+
+
+def test_fp8_streams_straight_to_quantized(quantized, converted, tmp_path):
+    """FP8 checkpoint: quantized from the float32 decode itself (equal to f32 GGUF → quantize)."""
+    requantize(converted(KQUANT_FP8, "f32"), tmp_path / "re.gguf", "sf-q2")
+    assert same_tensors(quantized("sf-q2", KQUANT_FP8), tmp_path / "re.gguf")
+
+
+def test_presets_load_generate_and_order_by_error(quantized, converted):
+    seed = int.from_bytes(os.urandom(4), "little")
+    tokens = [1, *np.random.default_rng(seed).integers(1000, 131072, size=31).tolist()]
+    ref, _ = logits(converted(KQUANT, "f32"), tokens)
+    centered = ref - ref.mean(-1, keepdims=True)
+    errors, top1 = {}, {}
+    for recipe in ("sf-q6", "sf-q4", "sf-q2", "fit:57MB"):
+        got, llm = logits(quantized(recipe), tokens)
+        # RMS error of the (centered) logits relative to their RMS, over all positions and the vocabulary.
+        diff = got - got.mean(-1, keepdims=True) - centered
+        errors[recipe] = float(np.sqrt(np.mean(diff ** 2) / np.mean(centered ** 2)))
+        top1[recipe] = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+        # A random network may pick </s> (id 2) at any step: keep it from ending the generation early.
+        out = llm.create_completion(tokens[:8], max_tokens=6, temperature=0.0, logit_bias={2: -100.0})
+        assert out["usage"]["completion_tokens"] == 6, recipe
+    assert errors["sf-q6"] < errors["sf-q4"] < errors["sf-q2"], f"seed {seed}: {errors}"
+    # A random (untrained) network amplifies rounding through its layers; measured over seeds:
+    # sf-q6 ≈ 0.05, sf-q4 ≈ 0.17, sf-q2 ≈ 0.36; the same top token ≈ 90 % / 70 % / 40 % of positions.
+    assert errors["sf-q6"] < 0.12 and errors["sf-q4"] < 0.3 and errors["sf-q2"] < 0.6, f"seed {seed}: {errors}"
+    assert top1["sf-q6"] >= 0.7, f"seed {seed}: {top1}"
+
+
+def test_imatrix_drives_each_experts_quantization(quantized, converted, tmp_path):
+    from quant.imatrix import load_imatrix, save_imatrix
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    f32 = read_table(converted(KQUANT, "f32"))
+    sums, counts = {}, {}
+    for t in f32.tensors:
+        if len(t.shape) >= 2 and t.name not in ("token_embd.weight", "output.weight") and "gate_inp" not in t.name:
+            n_mat = t.shape[0] if len(t.shape) == 3 else 1
+            sums[t.name] = rng.gamma(0.5, 1.0, (n_mat, t.shape[-1])).astype(np.float32) * 50
+            counts[t.name] = rng.integers(10, 100, n_mat)
+    path = save_imatrix(tmp_path / "imatrix.gguf", sums, counts, ["random"], chunk_size=64)
+    with pytest.raises(ConversionError, match=r"need an imatrix \(--imatrix FILE\)"):
+        quantized("sf-iq2")
+    out = quantized("sf-iq2", imatrix=path)
+    importance = load_imatrix(path)
+    table = read_table(out)
+    by_name = {t.name: t for t in f32.tensors}
+    checked = 0
+    for t in table.tensors:
+        if "exps" not in t.name:
+            continue
+        values = np.asarray(f32.array(by_name[t.name]))
+        stored = np.asarray(table.array(t)).reshape(values.shape[0], -1)
+        for e in range(values.shape[0]):
+            assert np.array_equal(stored[e], ggml.quantize(values[e], t.qtype, importance[t.name][e]).reshape(-1)), \
+                f"seed {seed}: {t.name} expert {e}"
+            checked += 1
+    assert checked == 2 * 2 * KQUANT.n_experts
+    info = json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json"]).stdout)
+    assert info["recipe"]["name"] == "sf-iq2" and info["recipe"]["imatrix"] == "imatrix.gguf"
+
+
+def test_quantize_command_and_inspect(converted, tmp_path):
+    source, out = converted(KQUANT, "bf16"), tmp_path / "fit.gguf"
+    runner = CliRunner()
+    result = runner.invoke(app, ["quantize", str(source), "-o", str(out), "--recipe", "fit:57MB", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.stderr and "recipe fit:57MB" in result.stderr
+    assert out.stat().st_size <= 57 * 10**6
+    info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)
+    assert info["recipe"]["name"] == "fit:57MB" and "fitted to" in info["recipe"]["description"]
+    assert [row["layer"] for row in info["layers"]] == [0, 1]
+    assert info["layers"][0]["types"]["ffn_gate_inp"] == "F32"
+    table = runner.invoke(app, ["inspect", str(out)]).stdout
+    assert "Types per layer" in table and "recipe: fit:57MB" in table
+
+    again = runner.invoke(app, ["quantize", str(out), "-o", str(tmp_path / "x.gguf"), "--recipe", "sf-q4"])
+    assert again.exit_code == 1 and "is already quantized" in again.stderr
+    bad = runner.invoke(app, ["quantize", str(source), "-o", str(tmp_path / "y.gguf"), "--recipe", "sf-q9"])
+    assert bad.exit_code == 1 and "unknown recipe 'sf-q9'" in bad.stderr
+    assert not (tmp_path / "y.gguf").exists()
+
+
+def test_block_fallbacks_are_reported_on_narrow_rows(checkpoint, tmp_path):
+    from conftest import HF
+
+    report = convert_checkpoint(checkpoint(HF), tmp_path / "q4.gguf", "sf-q4", mmproj=False)
+    assert "token_embd.weight: Q4_K → Q5_0 (row size not a multiple of the block)" in report.fallbacks
+    types = {t.name: t.qtype for t in read_table(tmp_path / "q4.gguf").tensors}
+    assert types["token_embd.weight"] == T.Q5_0 and types["blk.0.ffn_gate_inp.weight"] == T.F32

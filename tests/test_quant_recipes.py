@@ -1,0 +1,188 @@
+"""Recipes: the TOML format, the shipped presets on the real model, fit:SIZE, the planner's view."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from convert.errors import ConversionError
+from quant.fit import fit_recipe, parse_budget
+from quant.pipeline import TensorSlot, assign_types, check_requirements, gguf_overhead, tensor_bytes
+from quant.recipes import load_recipe, parse_recipe, preset_names
+from smallfour.errors import SmallfourError
+from smallfour.plan import model_from_config, real_config, real_model
+
+PRESETS_BY_SIZE = ["sf-q6", "sf-q5", "sf-q4", "sf-iq4", "sf-q3", "sf-iq3", "sf-q2", "sf-iq2"]
+N_LAYERS = 36
+
+
+@pytest.fixture(scope="module")
+def slots():
+    return [TensorSlot(t.name, t.role, t.layer, t.shape) for t in real_model("bf16").tensors]
+
+
+def params(slots) -> int:
+    return sum(int(np.prod(s.shape)) for s in slots)
+
+
+def test_presets_span_eight_to_two_and_a_half_bits(slots):
+    assert sorted(PRESETS_BY_SIZE) == preset_names()
+    sizes = [tensor_bytes(slots, assign_types(load_recipe(name), slots, N_LAYERS)) for name in PRESETS_BY_SIZE]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    bpw = [8 * size / params(slots) for size in sizes]
+    assert 6.0 < bpw[0] < 7.0 and 2.4 < bpw[-1] < 2.9, bpw
+    q8 = tensor_bytes(slots, assign_types(load_recipe("q8_0"), slots, N_LAYERS))
+    assert 8 * q8 / params(slots) == pytest.approx(8.5, abs=0.01)
+
+
+@pytest.mark.parametrize("name", PRESETS_BY_SIZE)
+def test_presets_keep_router_and_norms_f32_and_report_fallbacks(name, slots):
+    choices = assign_types(load_recipe(name), slots, N_LAYERS)
+    for s in slots:
+        if s.role in ("router", "norm"):
+            assert choices[s.name].qtype == T.F32, s.name
+    # attn_k_b rows are qk_nope = 64 values: a 256-block type falls back, as llama.cpp's table says.
+    k_b = choices["blk.0.attn_k_b.weight"]
+    assert (k_b.fallback_from is not None) == (k_b.qtype != load_recipe(name).target("blk.0.attn_k_b.weight",
+                                                                                      "attention", 0, N_LAYERS))
+
+
+def test_imatrix_preset_refuses_without_imatrix(slots):
+    choices = assign_types(load_recipe("sf-iq2"), slots, N_LAYERS)
+    with pytest.raises(ConversionError, match=r"need an imatrix \(--imatrix FILE\): blk\.0\.ffn_gate_up_exps"):
+        check_requirements(choices, slots, None)
+    importance = {s.name: np.ones((128, s.shape[-1]), np.float32) for s in slots if s.role == "routed_experts"}
+    check_requirements(choices, slots, importance)
+
+
+RULES = """
+[recipe]
+name = "mine"
+default = "Q4_K"
+
+[roles]
+attention = "q8_0"
+output = "Q6_K"
+
+[[rules]]
+tensor = "ffn_down_exps"
+layers = "first:2, last:10%, 17"
+type = "Q6_K"
+
+[[rules]]
+role = "routed_experts"
+layers = "10-12"
+type = "iq4_xs"
+
+[[rules]]
+pattern = 'blk\\.(5|6)\\.attn_q_b'
+type = "Q5_K"
+
+[[rules]]
+pattern = 'ffn_gate_inp'
+type = "Q2_K"
+"""
+
+
+def test_rules_first_match_wins_then_roles_then_default(slots):
+    recipe = parse_recipe(RULES, "x", "test")
+    choices = {n: c.qtype for n, c in assign_types(recipe, slots, N_LAYERS).items()}
+    assert recipe.name == "mine"
+    down = {i: choices[f"blk.{i}.ffn_down_exps.weight"] for i in range(N_LAYERS)}
+    assert {i for i, t in down.items() if t == T.Q6_K} == {0, 1, 17, 32, 33, 34, 35}  # last 10 % of 36 → 4
+    assert down[10] == down[11] == down[12] == T.IQ4_XS and down[13] == T.Q4_K
+    assert choices["blk.11.ffn_gate_up_exps.weight"] == T.IQ4_XS
+    assert choices["blk.5.attn_q_b.weight"] == choices["blk.6.attn_q_b.weight"] == T.Q5_K
+    assert choices["blk.7.attn_q_b.weight"] == T.Q8_0 and choices["output.weight"] == T.Q6_K
+    assert choices["token_embd.weight"] == T.Q4_K and choices["blk.3.ffn_gate_shexp.weight"] == T.Q4_K
+    assert choices["blk.4.ffn_gate_inp.weight"] == T.F32  # the router stays F32 whatever a rule says
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[recipe]\ndefault = "Q4_Z"', "unknown or unsupported type 'Q4_Z'"),
+    ('[recipe]\ndefault = "Q4_K"\n[roles]\nexperts = "Q4_K"', "unknown role 'experts'"),
+    ('[recipe]\ndefault = "Q4_K"\n[[rules]]\nlayers = "1..3"\ntype = "Q4_K"', "cannot read '1..3'"),
+    ('[recipe]\ndefault = "Q4_K"\n[[rules]]\npattern = "("\ntype = "Q4_K"', "bad pattern"),
+    ('[recipe]\ndefault = "Q4_K"\n[[rules]]\ntensor = "x"', "needs a type"),
+    ('[recipe]\nname = "x"', "needs a default type"),
+    ('[recipe]\ndefault = "Q4_K"\n[typo]\n', "unknown section"),
+    ('[recipe\n', "not valid TOML"),
+])
+def test_bad_recipes_are_refused_in_one_line(text, message):
+    with pytest.raises(ConversionError, match=message):
+        parse_recipe(text, "x", "test.toml")
+
+
+def test_recipe_names_files_and_types(tmp_path):
+    assert load_recipe("q8_0").default == T.Q8_0 and load_recipe("Q5_K").default == T.Q5_K
+    path = tmp_path / "r.toml"
+    path.write_text(RULES)
+    assert load_recipe(str(path)).name == "mine"
+    with pytest.raises(ConversionError, match="unknown recipe 'q9'.*sf-q4"):
+        load_recipe("q9")
+    with pytest.raises(ConversionError, match="does not exist"):
+        load_recipe(str(tmp_path / "missing.toml"))
+
+
+def test_parse_budget():
+    assert parse_budget("60GB") == 60 * 10**9 and parse_budget("56GiB") == 56 * 2**30
+    assert parse_budget("500 MB") == 500 * 10**6 and parse_budget("60") == 60 * 10**9
+    with pytest.raises(ConversionError, match="fit:60 parsecs"):
+        parse_budget("60 parsecs")
+
+
+@pytest.mark.parametrize("budget_gb", [44, 52, 60, 75, 100, 118])
+def test_fit_lands_just_under_the_budget(slots, budget_gb):
+    overhead = gguf_overhead(8_000_000, slots)
+    recipe = fit_recipe(budget_gb * 10**9, slots, N_LAYERS, overhead_bytes=overhead)
+    total = overhead + tensor_bytes(slots, assign_types(recipe, slots, N_LAYERS))
+    # Under the budget, by less than one step of the smallest expert tensor (≈0.3 GB at these shapes).
+    assert budget_gb * 10**9 - 0.35e9 < total <= budget_gb * 10**9
+
+
+def test_fit_with_room_to_spare_gives_every_expert_q8_0(slots):
+    assert {t for _, t in fit_recipe(200 * 10**9, slots, N_LAYERS).fixed} == {T.Q8_0}
+
+
+def test_fit_heuristic_spends_on_down_projections_and_edge_layers(slots):
+    recipe = fit_recipe(60 * 10**9, slots, N_LAYERS)
+    bits = {name: T(t) for name, t in recipe.fixed}
+    rank = {t: i for i, t in enumerate((T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0))}
+    for i in range(N_LAYERS):
+        assert rank[bits[f"blk.{i}.ffn_down_exps.weight"]] >= rank[bits[f"blk.{i}.ffn_gate_up_exps.weight"]]
+    edge, middle = bits["blk.0.ffn_gate_up_exps.weight"], bits["blk.18.ffn_gate_up_exps.weight"]
+    assert rank[edge] > rank[middle]
+
+
+def test_fit_with_importance_spends_where_importance_is_high(slots):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    hot = set(rng.choice(N_LAYERS, size=6, replace=False).tolist())
+    importance = {s.name: np.full((128, s.shape[-1]), 10.0 if s.layer in hot else 1.0, np.float32)
+                  for s in slots if s.role == "routed_experts"}
+    recipe = fit_recipe(50 * 10**9, slots, N_LAYERS, importance)
+    bits = {name: T(t).name for name, t in recipe.fixed}
+    assert "imatrix-weighted" in recipe.description
+    for kind in ("ffn_gate_up_exps", "ffn_down_exps"):
+        hot_types = {bits[f"blk.{i}.{kind}.weight"] for i in hot}
+        cold_types = {bits[f"blk.{i}.{kind}.weight"] for i in range(N_LAYERS) if i not in hot}
+        from quant.fit import LADDER_IMATRIX
+        order = [t.name for t in LADDER_IMATRIX]
+        assert min(order.index(t) for t in hot_types) >= max(order.index(t) for t in cold_types), f"seed {seed}"
+
+
+def test_fit_too_small_says_the_minimum(slots):
+    with pytest.raises(ConversionError, match=r"fit: 30.00 GB is too small; the smallest this model gets is 4\d\.\d\d GB"):
+        fit_recipe(30 * 10**9, slots, N_LAYERS)
+
+
+def test_planner_sizes_presets_and_fit_like_the_converter(slots):
+    for name in ("sf-q4", "sf-q2", "q4_k"):
+        assert real_model(name).weights_bytes == tensor_bytes(slots, assign_types(load_recipe(name), slots, N_LAYERS))
+    fitted = model_from_config(real_config(), "fit:60GB")
+    assert 59.0e9 < fitted.weights_bytes <= 60e9
+    with pytest.raises(SmallfourError, match="unknown recipe"):
+        real_model("q9")
