@@ -87,7 +87,8 @@ class _Walker:
         return count
 
 
-def read_table(path: Path | str) -> GGUFTable:
+def read_table(path: Path | str, *, require_data: bool = True) -> GGUFTable:
+    """The key/values and tensor table of a GGUF; `require_data=False` accepts a file cut after its header."""
     path = Path(path)
     try:
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
@@ -123,7 +124,7 @@ def read_table(path: Path | str) -> GGUFTable:
         except ValueError:
             raise ConversionError(f"{path.name}: tensor {name} has unknown type {type_id}") from None
         entry = TensorEntry(name, shape, qtype, data_start + offset)
-        if entry.offset + entry.nbytes > size:
+        if require_data and entry.offset + entry.nbytes > size:
             raise ConversionError(f"{path.name} is truncated: tensor {name} ends past the end of the file")
         tensors.append(entry)
     return GGUFTable(path, version, spans, values, tensors, alignment)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import re
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from convert.config import TextConfig, from_hf_config, from_native_params
 from convert.errors import ConversionError
 from convert.mistral4 import (ROLE_EMBEDDINGS, ROLE_OUTPUT, ROLE_ROUTED_EXPERTS,
                               ROLE_SHARED_EXPERT, ROLES, expected_shapes, role_of_gguf_name)
+from quant.gguf_io import read_table
 from quant.recipes import BUILTIN_RECIPES, Recipe, choose_type, load_recipe, single_type_recipe, stored_nbytes
 from smallfour.errors import SmallfourError
 
@@ -290,63 +289,16 @@ def _layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-# GGUF value types (gguf.GGUFValueType) → struct format; 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-class _HeaderReader:
-    """Walks a GGUF header in a memory map. gguf.GGUFReader builds numpy views of every
-    token and merge (≈10 s for the 131k-token Tekken vocabulary); planning needs none of them."""
-
-    def __init__(self, buffer):
-        self.buffer, self.offset = buffer, 0
-
-    def scalar(self, fmt: str):
-        (value,) = struct.unpack_from("<" + fmt, self.buffer, self.offset)
-        self.offset += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        length = self.scalar("Q")
-        self.offset += length
-        return bytes(self.buffer[self.offset - length:self.offset]).decode("utf-8", errors="replace")
-
-    def value(self, kind: int):
-        if kind == _GGUF_STRING:
-            return self.string()
-        if kind != _GGUF_ARRAY:
-            return self.scalar(_GGUF_SCALARS[kind])
-        item_kind, count = self.scalar("I"), self.scalar("Q")
-        if item_kind in _GGUF_SCALARS:
-            self.offset += count * struct.calcsize(_GGUF_SCALARS[item_kind])
-        else:
-            for _ in range(count):
-                self.value(item_kind)
-        return count  # arrays (tokens, merges) are summarized by their length
-
-
 def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
-    """The metadata (arrays as their lengths) and tensor table (name, ggml dims, type id) of a GGUF."""
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-        reader = _HeaderReader(buffer)
-        try:
-            if reader.scalar("4s") != b"GGUF" or reader.scalar("I") not in (2, 3):
-                raise SmallfourError(f"{Path(path).name} is not a little-endian GGUF v2/v3 file")
-            n_tensors, n_fields = reader.scalar("Q"), reader.scalar("Q")
-            fields = {}
-            for _ in range(n_fields):
-                key = reader.string()
-                fields[key] = reader.value(reader.scalar("I"))
-            tensors = []
-            for _ in range(n_tensors):
-                name = reader.string()
-                dims = tuple(reader.scalar("Q") for _ in range(reader.scalar("I")))
-                tensors.append((name, dims, reader.scalar("I")))
-                reader.scalar("Q")  # data offset
-        except (struct.error, KeyError, IndexError) as exc:
-            raise SmallfourError(f"cannot read {Path(path).name} as GGUF: truncated or corrupt header ({exc})") from None
-    return fields, tensors
+    """The metadata (arrays as their lengths) and tensor table (name, ggml dims, type id) of a GGUF.
+
+    Only the header is read: planning a model must work before its data is all there.
+    """
+    try:
+        table = read_table(path, require_data=False)
+    except ConversionError as exc:
+        raise SmallfourError(str(exc)) from None
+    return table.values, [(t.name, tuple(reversed(t.shape)), int(t.qtype)) for t in table.tensors]
 
 
 def model_from_gguf(path: Path) -> ModelInfo:

@@ -94,7 +94,7 @@ def test_run_errors(tmp_path, converted):
     assert_one_line_error(run_cli("run", junk, "-p", "x"), "is not a GGUF file")
     bad_header = tmp_path / "bad-header.gguf"
     bad_header.write_bytes(b"GGUF" + b"\0" * 64)
-    assert_one_line_error(run_cli("run", bad_header, "-p", "x"), "bad-header.gguf is not a little-endian GGUF")
+    assert_one_line_error(run_cli("run", bad_header, "-p", "x"), "bad-header.gguf: GGUF version 0 is not supported")
     whole = converted(HF, "q8_0").read_bytes()
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(whole[:len(whole) // 2])
