@@ -50,7 +50,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from smallfour.fixtures.checkpoint import FixtureSpec, default_cache_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench/convert.py -->", "<!-- /bench/convert.py -->"
 DOC_HEADER = ("# Benchmarks\n\n"
               "Measured numbers; each section is written by the script it names, with the command that ran it.\n")
 GB, MB = 1e9, 2**20
@@ -257,7 +256,8 @@ def section(command: str, specs: list[FixtureSpec], recipes: list[str], rows: li
     embedding_bytes = spec.vocab_size * spec.hidden_size * 4
     expert_bytes = 2 * spec.expert_ff * spec.hidden_size * 4
     layers = ", ".join(str(s.n_layers) for s in specs)
-    return f"""{BEGIN}
+    begin, end = section_markers("bench/convert.py")
+    return f"""{begin}
 ## Conversion (`bench/convert.py`)
 
 Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}, with
@@ -284,15 +284,24 @@ shards as well as the process's own arrays. The last column splits it by samplin
 {interpretation(rows, recipes)}
 For scale, as float32: `token_embd` and `output` ({spec.vocab_size}×{spec.hidden_size}) are \
 {embedding_bytes / MB:,.0f} MB each, one routed expert's gate+up slice {expert_bytes / MB:,.0f} MB.
-{END}"""
+{end}"""
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of `path` (or append it), leaving other sections alone."""
+def section_markers(script: str) -> tuple[str, str]:
+    """The comments that delimit a benchmark script's section of docs/benchmarks.md."""
+    return f"<!-- {script} -->", f"<!-- /{script} -->"
+
+
+def write_section(path: Path, text: str, script: str = "bench/convert.py") -> None:
+    """Replace `script`'s section of `path` (or append it), leaving other sections alone.
+
+    `text` is the whole section, markers included; every benchmark script writes through here.
+    """
+    begin, end = section_markers(script)
     doc = path.read_text() if path.exists() else DOC_HEADER
-    if BEGIN in doc and END in doc:
-        before, rest = doc.split(BEGIN, 1)
-        doc = before + text + rest.split(END, 1)[1]
+    if begin in doc and end in doc:
+        before, rest = doc.split(begin, 1)
+        doc = before + text + rest.split(end, 1)[1]
     else:
         doc = doc.rstrip("\n") + "\n\n" + text + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

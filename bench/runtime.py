@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import statistics
@@ -32,6 +33,12 @@ from convert.writer import convert_checkpoint  # noqa: E402
 from smallfour.fixtures.checkpoint import FixtureSpec, build_fixture  # noqa: E402
 from smallfour.generate import ChatRequest, Sampling, continue_tokens  # noqa: E402
 from smallfour.runtime import load_model  # noqa: E402
+
+# docs/benchmarks.md is written through bench/convert.py's section writer (a file, not a package).
+_spec = importlib.util.spec_from_file_location("bench_convert", REPO / "bench" / "convert.py")
+bench_convert = importlib.util.module_from_spec(_spec)
+sys.modules["bench_convert"] = bench_convert  # dataclasses look their module up
+_spec.loader.exec_module(bench_convert)
 
 SECTION = "bench/runtime.py"
 
@@ -158,18 +165,8 @@ def main() -> None:
         "loaded model; negative means within noise of the reference. Target: ≤ 3 %.",
         f"<!-- /{SECTION} -->",
     ])
-    write_section(args.output, section)
+    bench_convert.write_section(args.output, section, SECTION)
     print(section)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by the scripts in `bench/`.\n"
-    start, end = f"<!-- {SECTION} -->", f"<!-- /{SECTION} -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def run(
         return
     stream = None if as_json else functools.partial(_stream, hide_thinking=hide_thinking)
     result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type,
-                      placement=placement.resolve(model, ctx), on_text=stream, mmproj=projector)
+                      placement=placement.resolve(model, ctx, mmproj=projector), on_text=stream, mmproj=projector)
     if as_json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
         return

@@ -107,8 +107,8 @@ class PlacementFlags:
     plan: str = "check"
     force: bool = False
 
-    def resolve(self, model: Path, n_ctx: int, hardware=None):
-        return placement_for(model, n_ctx=n_ctx, kv_type=self.kv_type, cpu_experts=self.cpu_experts,
+    def resolve(self, model: Path, n_ctx: int, hardware=None, mmproj: Path | None = None):
+        return placement_for(model, n_ctx=n_ctx, mmproj=mmproj, kv_type=self.kv_type, cpu_experts=self.cpu_experts,
                              override_tensor=self.override_tensor, gpu_layers=self.gpu_layers, gpus=self.gpus,
                              tensor_split=self.tensor_split, split_mode=self.split_mode, main_gpu=self.main_gpu,
                              flash_attn=self.flash_attn, plan=self.plan, force=self.force, hardware=hardware)
@@ -146,7 +146,7 @@ def with_placement_options(command):
 
 def placement_for(model: Path, *, n_ctx: int, kv_type: str, cpu_experts: str, override_tensor: list[str] | None,
                   gpu_layers: int, gpus: int | None, tensor_split: str | None, split_mode: str, main_gpu: int,
-                  flash_attn: bool, plan: str, force: bool, hardware=None):
+                  flash_attn: bool, plan: str, force: bool, hardware=None, mmproj: Path | None = None):
     """The placement to load `model` with, from the command's flags and the planner.
 
     With `--plan auto` (or `--cpu-experts auto`) the planner's layout replaces the flags.
@@ -158,7 +158,7 @@ def placement_for(model: Path, *, n_ctx: int, kv_type: str, cpu_experts: str, ov
     if plan not in ("auto", "check"):
         raise SmallfourError(f"--plan {plan!r}: expected auto or check")
     automatic = plan == "auto" or cpu_experts == "auto"
-    decided = plan_for_load(model, n_ctx, kv_type, hardware, flash_attn=flash_attn)
+    decided = plan_for_load(model, n_ctx, kv_type, hardware, flash_attn=flash_attn, mmproj=mmproj)
     if not decided.fits:
         if not force:
             raise SmallfourError(f"{model.name}: {decided.verdict} (--force loads it anyway)")
