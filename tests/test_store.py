@@ -52,13 +52,13 @@ def test_models_lists_checkpoints_and_ggufs_with_sizes_recipes_and_mmproj(hub, e
     assert ckpt["bytes"] == sum(len(v) for v in fp8_checkpoint_files().values())
     assert (ckpt["revision"], ckpt["commit"]) == ("main", ckpt_commit)
     pulled = models[GGUF_REPO]
-    assert (pulled["kind"], pulled["recipe"], pulled["mmproj"]) == ("gguf", "Q8_0", "mmproj-F16.gguf")
+    assert (pulled["kind"], pulled["recipe"], pulled["mmproj"]) == ("gguf", "q8_0", "mmproj-F16.gguf")  # smallfour.recipe
     assert pulled["bytes"] == gguf.stat().st_size and pulled["commit"] == gguf_commit
     assert (models["small4-q8"]["location"], models["small4-q8"]["mmproj"]) == ("store", "small4-q8-mmproj.gguf")
-    assert (models["plain"]["recipe"], models["plain"]["mmproj"]) == ("Q8_0", None)  # that mmproj is small4-q8's
+    assert (models["plain"]["recipe"], models["plain"]["mmproj"]) == ("q8_0", None)  # that mmproj is small4-q8's
     table = cli(env, "models")
     assert table.returncode == 0
-    for text in (CKPT, GGUF_REPO, "small4-q8", "fp8", "Q8_0", "mmproj-F16.gguf", ckpt_commit[:8]):
+    for text in (CKPT, GGUF_REPO, "small4-q8", "fp8", "q8_0", "mmproj-F16.gguf", ckpt_commit[:8]):
         assert text in table.stdout, text
 
     # A shard gone from the store: listed as incomplete, and convert says so before converting anything.
