@@ -13,7 +13,6 @@ the *text* embedding table is copied in too.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from convert.checkpoint import Checkpoint
 from convert.errors import ConversionError
+from convert.output import atomic_output, check_output_path
 
 # --mmproj-type → (type for the big matrices, file type).
 MMPROJ_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
@@ -188,7 +188,6 @@ def plan_mmproj(ckpt: Checkpoint, cfg: VisionConfig, matrix_type: GGMLQuantizati
 def convert_mmproj(ckpt: Checkpoint, output: Path, mmproj_type: str = DEFAULT_MMPROJ_TYPE, *,
                    force: bool = False) -> MmprojReport:
     """Write the mmproj GGUF of an open checkpoint to `output` (temporary name, then renamed)."""
-    from convert.writer import check_output_path, temporary_path
 
     output = Path(output)
     try:
@@ -199,16 +198,8 @@ def convert_mmproj(ckpt: Checkpoint, output: Path, mmproj_type: str = DEFAULT_MM
     check_output_path(output, force)
     cfg = vision_config(ckpt)
     planned = plan_mmproj(ckpt, cfg, matrix_type)
-    temporary = temporary_path(output)
-    try:
+    with atomic_output(output) as temporary:
         written = _write(temporary, ckpt.path.name, cfg, file_type, planned)
-        os.replace(temporary, output)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ConversionError(f"no space left on device while writing {output}") from None
-        raise ConversionError(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
     return MmprojReport(output, len(planned), written)
 
 

@@ -7,7 +7,6 @@ that looks like a valid model.
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import TextConfig
 from convert.errors import ConversionError
+from convert.output import atomic_output, check_output_path
 from convert.mistral4 import PlannedTensor, plan_tensors
 from convert.mmproj import (DEFAULT_MMPROJ_TYPE, MMPROJ_TYPES, MmprojReport, convert_mmproj, has_vision, mmproj_path,
                             vision_config)
@@ -59,17 +59,6 @@ class ConversionReport:
     recipe: str = ""  # the quantization recipe applied (its name)
 
 
-def temporary_path(output: Path) -> Path:
-    return output.with_name(f".{output.name}.{os.getpid()}.partial")
-
-
-def check_output_path(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise ConversionError(f"{output} already exists (use --force to overwrite)")
-    if not output.parent.is_dir():
-        raise ConversionError(f"output directory {output.parent} does not exist")
-
-
 def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, force: bool = False,
                        progress: Progress | None = None, mmproj: bool = True, mmproj_output: Path | None = None,
                        mmproj_type: str = DEFAULT_MMPROJ_TYPE, imatrix: Path | None = None,
@@ -95,17 +84,9 @@ def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, forc
             vision_config(ckpt)
         planned = plan_tensors(ckpt)
         total_source = sum(t.source_bytes for t in planned)
-        temporary = temporary_path(output)
-        try:
+        with atomic_output(output) as temporary:
             report = _write(ckpt, planned, temporary, recipe, progress or _Silent(), importance, threads,
                             imatrix)
-            os.replace(temporary, output)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ConversionError(f"no space left on device while writing {output}") from None
-            raise ConversionError(f"cannot write {output}: {exc.strerror or exc}") from None
-        finally:
-            temporary.unlink(missing_ok=True)
         if projector is not None:
             report.mmproj = convert_mmproj(ckpt, projector, mmproj_type, force=force)
     finally:

@@ -7,7 +7,6 @@ memory map in row chunks (one expert slice at a time), so memory stays bounded.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import struct
@@ -19,7 +18,8 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
 from convert.errors import ConversionError
 from convert.mistral4 import CHUNK_ELEMENTS, role_of_gguf_name
-from convert.writer import Progress, _Silent, check_output_path, temporary_path
+from convert.output import atomic_output, check_output_path
+from convert.writer import Progress, _Silent
 from quant.gguf_io import GGUFTable, pack_kv, read_table
 from quant.pipeline import (METADATA_DESCRIPTION, METADATA_IMATRIX, METADATA_RECIPE, Encoder, TensorSlot,
                             assign_types, check_requirements, fallback_lines, file_type_of, gguf_overhead,
@@ -79,20 +79,11 @@ def requantize(source: Path, output: Path, recipe: str, *, force: bool = False, 
         new_kv.append(pack_kv(METADATA_DESCRIPTION, resolved.description, GGUFValueType.STRING))
     if imatrix is not None:
         new_kv.append(pack_kv(METADATA_IMATRIX, Path(imatrix).name, GGUFValueType.STRING))
-    temporary = temporary_path(output)
     progress = progress or _Silent()
-    try:
-        with open(temporary, "wb") as out:
-            written = _write(out, table, kept, new_kv, slots, choices, importance, threads, progress)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, output)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ConversionError(f"no space left on device while writing {output}") from None
-        raise ConversionError(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_output(output) as temporary, open(temporary, "wb") as out:
+        written = _write(out, table, kept, new_kv, slots, choices, importance, threads, progress)
+        out.flush()
+        os.fsync(out.fileno())
     return RequantizeReport(output, resolved.name, len(slots), sum(t.nbytes for t in table.tensors), written,
                             fallback_lines(choices))
 
