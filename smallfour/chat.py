@@ -312,6 +312,7 @@ def _reuse_probe(llm) -> tuple[dict[str, int], Callable[[], None]]:
         return original(tokens)
 
     llm.eval = eval_and_record
+    llm._smallfour_reused = None  # set by vision.eval_prompt when images went in first
 
     def undo() -> None:
         del llm.eval
@@ -377,8 +378,9 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
 
     session.images = []  # they went with this message
     session.turns += 1
-    session.last = TurnStats(result, request.effort or "none", probe.get("reused", 0),
-                             probe.get("evaluated", result.prompt_tokens), interrupted, llm.n_tokens, llm.n_ctx())
+    reused = llm._smallfour_reused if llm._smallfour_reused is not None else probe.get("reused", 0)
+    session.last = TurnStats(result, request.effort or "none", reused, result.prompt_tokens - reused, interrupted,
+                             llm.n_tokens, llm.n_ctx())
     _show_result(console, session.last, request, rendered=live)
 
     if not result.content and not result.reasoning_content:

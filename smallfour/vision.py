@@ -281,6 +281,7 @@ def eval_prompt(llm, projector: Projector, tokens: list[int], spans: list[ImageS
                              "(raise --ctx or give fewer or smaller images)")
     digests = [_digest(span.image) for span in spans]
     keep = _reusable_prefix(llm, tokens, spans, digests)
+    llm._smallfour_reused = keep  # for chat's /stats: the generic probe sees only the first eval
     llm._ctx.kv_cache_seq_rm(-1, keep, -1)
     llm.n_tokens = keep
     llm._smallfour_images = [entry for entry in getattr(llm, "_smallfour_images", []) if entry[0] < keep]

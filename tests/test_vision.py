@@ -33,7 +33,7 @@ from conftest import FP8_BLOCK, HF, NATIVE, NATIVE_FP8, REPO
 from convert.checkpoint import open_checkpoint
 from convert.mmproj import convert_mmproj
 from test_convert_errors import assert_one_line_error, run_cli
-from test_chat_repl import terminal  # noqa: F401  (the tmux fixture, used by the REPL test)
+from test_chat_repl import stats_numbers, terminal  # noqa: F401  (the tmux fixture, used by the REPL test)
 
 SDIST_VERSION = "0.3.36"
 # Keys that name the file rather than describe the network.
@@ -500,9 +500,11 @@ def test_image_command_in_the_chat_repl(model, picture, terminal, tmp_path):
     attached = term.submit(f"/image {picture}")
     assert "attached" in attached and "120×80" not in attached and "(140×84 px, 18 tokens)" in attached
     term.submit("What is this?")
-    stats = term.submit("/stats")
-    assert int(stats.split("prompt")[1].split("tokens")[0]) > 18
+    first = stats_numbers(term.submit("/stats"))
+    assert first["prompt"] > 18 and (first["reused"], first["evaluated"]) == (0, first["prompt"])  # image included
     term.submit("And without a picture?")
+    second = stats_numbers(term.submit("/stats"))
+    assert first["prompt"] - 5 < second["reused"] and second["reused"] + second["evaluated"] == second["prompt"]
     assert "saved 4 messages" in term.submit(f"/save {saved}")
     messages = json.loads(saved.read_text())
     assert messages[0]["content"][0] == {"type": "image_url", "image_url": {"url": str(picture)}}
