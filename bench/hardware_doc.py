@@ -29,7 +29,7 @@ WIDTH = 110  # terminal columns the tables are rendered at
 REFERENCE_CTX = 262144
 
 # (profile, recipe, context): the datacenter profiles at the served 256K context, the
-# workstation ones at 32K; q4_k is sized by the planner only (convert does not write it yet).
+# workstation ones at 32K with the presets made for them (docs/recipes.md).
 RUNS = [
     ("4xH100", "bf16", REFERENCE_CTX),
     ("4xH100", "q8_0", REFERENCE_CTX),
@@ -39,9 +39,10 @@ RUNS = [
     ("1xH100+256GB", "q8_0", REFERENCE_CTX),
     ("24GB+128GB", "bf16", 32768),
     ("24GB+128GB", "q8_0", 32768),
-    ("24GB+128GB", "q4_k", 32768),
+    ("24GB+128GB", "sf-q4", 32768),
     ("cpu-96GB", "q8_0", 32768),
-    ("cpu-96GB", "q4_k", 32768),
+    ("cpu-96GB", "sf-q5", 32768),
+    ("cpu-96GB", "sf-iq4", 32768),
 ]
 
 
@@ -76,8 +77,8 @@ def summary_row(profile: str, recipe: str, ctx: int) -> str:
 def sizes_table() -> list[str]:
     rows = ["| recipe | total GB | routed experts | attention | shared expert | embeddings + output | "
             "router + norms | brief |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    brief = {"bf16": "≈238 GB", "q8_0": "≈126 GB", "q4_k": "Q4_K_M ≈67 GB"}
-    for recipe in ("bf16", "q8_0", "q4_k"):
+    brief = {"bf16": "≈238 GB", "q8_0": "≈126 GB", "q4_k": "Q4_K_M ≈67 GB", "sf-q4": "", "sf-iq4": ""}
+    for recipe in brief:
         model = planner.real_model(recipe)
         roles = model.bytes_by_role()
         gb = lambda *keys: f"{sum(roles.get(k, 0) for k in keys) / 1e9:.2f}"  # noqa: E731
@@ -112,8 +113,13 @@ def assumptions() -> list[str]:
         "in RAM (`--n-cpu-moe` convention).",
         "- **Sizes**: model sizes in decimal GB (1e9 bytes); device capacities in GiB as the drivers report them "
         "(H100 81,559 MiB, H200 143,771 MiB, RTX 4090 24,564 MiB).",
-        "- **q4_k** is sized by the planner (one Q4_K type for every matrix, norms/router F32, `attn_k_b` F16 "
-        "because its 64-wide rows do not fill a 256 block); `smallfour convert` does not write it yet.",
+        "- **q4_k** is one Q4_K type for every matrix (norms/router F32, `attn_k_b` F16 because its 64-wide rows "
+        "do not fill a 256 block); the `sf-*` presets spend bits by role and layer (docs/recipes.md). The planner "
+        "sizes every recipe exactly as `smallfour convert --recipe` writes it.",
+        "- **Applying a plan**: `smallfour run|chat|batch MODEL --plan auto` loads with the plan this machine gets "
+        "(printed as `plan: --ctx … --gpu-layers … --cpu-experts …`); without it your own flags are used. Either "
+        "way a model the planner says cannot fit is refused before llama.cpp allocates anything (one line, exit 1); "
+        "`--force` loads it anyway.",
     ]
 
 
