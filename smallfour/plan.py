@@ -22,6 +22,7 @@ hardware in binary GiB (an "80GB" H100 reports 81559 MiB; DIMMs are binary), and
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -292,8 +293,20 @@ def _layer_of(name: str) -> int | None:
 def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
     """The metadata (arrays as their lengths) and tensor table (name, ggml dims, type id) of a GGUF.
 
-    Only the header is read: planning a model must work before its data is all there.
+    Only the header is read: planning a model must work before its data is all there. Loading
+    a model asks several times (planner, expert overrides, vision checks), and walking the
+    131k-token vocabulary costs ≈0.3 s, so the answer is kept while the file is unchanged;
+    callers must not modify it.
     """
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise SmallfourError(f"cannot read {path}: {exc.strerror}") from None
+    return _read_gguf_header(Path(path).resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_gguf_header(path: Path, mtime_ns: int, size: int) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
     try:
         table = read_table(path, require_data=False)
     except ConversionError as exc:
