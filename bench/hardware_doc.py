@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 # Run as `python bench/hardware_doc.py`, this folder heads sys.path and bench/convert.py
-# would shadow the `convert` package that smallfour.plan imports.
+# would shadow the `convert` package that smallfour.inventory imports.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from smallfour import plan as planner  # noqa: E402
+from smallfour.inventory import REAL_MODEL_NAME, real_model  # noqa: E402
+from smallfour.plan import assumptions as plan_assumptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 110  # terminal columns the tables are rendered at
@@ -47,7 +48,7 @@ RUNS = [
 
 
 def plan_args(profile: str, recipe: str, ctx: int) -> list[str]:
-    return ["plan", "--model", planner.REAL_MODEL_NAME, "--recipe", recipe, "--profile", profile, "--ctx", str(ctx)]
+    return ["plan", "--model", REAL_MODEL_NAME, "--recipe", recipe, "--profile", profile, "--ctx", str(ctx)]
 
 
 def smallfour(args: list[str]) -> str:
@@ -79,7 +80,7 @@ def sizes_table() -> list[str]:
             "router + norms | brief |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     brief = {"bf16": "≈238 GB", "q8_0": "≈126 GB", "q4_k": "Q4_K_M ≈67 GB", "sf-q4": "", "sf-iq4": ""}
     for recipe in brief:
-        model = planner.real_model(recipe)
+        model = real_model(recipe)
         roles = model.bytes_by_role()
         gb = lambda *keys: f"{sum(roles.get(k, 0) for k in keys) / 1e9:.2f}"  # noqa: E731
         rows.append(f"| {recipe} | {model.weights_bytes / 1e9:.2f} | {gb('routed_experts')} | {gb('attention')} | "
@@ -89,7 +90,7 @@ def sizes_table() -> list[str]:
 
 
 def assumptions() -> list[str]:
-    a = planner.assumptions()
+    a = plan_assumptions()
     bw = ", ".join(f"{name} {rate / 1e9:,.0f} GB/s" for name, rate in a["bandwidths_bytes_per_s"].items())
     return [
         f"- **Bandwidths (peak)**: {bw}. Decode estimates use {a['gpu_bandwidth_efficiency']:.0%} of peak on GPUs "

@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the KL measure, shared with tests/test_quant_quality.py
 os.environ.setdefault("SMALLFOUR_CACHE", str(REPO / ".cache"))
 
 SINGLE_TYPES = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"]
@@ -58,18 +59,12 @@ def build_variants(work: Path, checkpoint: Path, imatrix: Path, recipes: list[tu
 def expert_bits_per_weight(path: Path) -> float:
     """Bits per routed-expert weight, from the GGUF's tensor table."""
     import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from smallfour.plan import read_gguf_header
+    from quant.gguf_io import read_header
+    from quant.names import ROLE_ROUTED_EXPERTS, role_of
 
-    _, tensors = read_gguf_header(path)
-    bits = count = 0
-    for name, dims, type_id in tensors:
-        if "_exps." in name:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-            n = int(np.prod(dims))
-            bits, count = bits + 8 * n // block * size, count + n
-    return bits / count
+    experts = [t for t in read_header(path).tensors if role_of(t.name) == ROLE_ROUTED_EXPERTS]
+    return sum(8 * t.nbytes for t in experts) / sum(int(np.prod(t.shape)) for t in experts)
 
 
 def main() -> None:
@@ -84,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from convert.writer import convert_checkpoint
-    from quant.quality import measure, text_chunks
+    from quality import measure, text_chunks
     from quant.recipes import load_recipe, preset_names
     from smallfour.fixtures.trained import calibration_text, heldout_text, trained_checkpoint
     from smallfour.imatrix import collect_imatrix

@@ -68,8 +68,9 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 REFERENCE_QUANTIZE = """
 import json, os, sys, time
+sys.path.insert(0, "tests")  # llama.cpp's quantizer, wrapped for the tests
 from gguf import LlamaFileType
-from quant.llamacpp import llama_quantize
+from llamacpp import llama_quantize
 start = time.perf_counter()
 llama_quantize(sys.argv[1], sys.argv[2], ftype=LlamaFileType[sys.argv[3]], threads=os.cpu_count())
 print(json.dumps({"seconds": time.perf_counter() - start}))

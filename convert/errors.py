@@ -1,5 +1,7 @@
-"""The one exception type the CLI turns into a one-line message and exit code."""
+"""Conversion errors: the error root of the bottom layer, named for the checkpoint → GGUF work."""
+
+from quant.errors import SmallfourError
 
 
-class ConversionError(Exception):
-    """A problem with the user's input or environment, explained in one line."""
+class ConversionError(SmallfourError):
+    """A problem with the checkpoint, the recipe or the output file, explained in one line."""

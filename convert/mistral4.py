@@ -1,10 +1,12 @@
-"""Mistral Small 4 described for GGUF: which source tensors become which GGUF tensors.
+"""Mistral Small 4 described for GGUF: which GGUF tensors a config makes, and from which source tensors.
 
-One readable table per layout of where each weight lives, and one function that
-turns a checkpoint into a list of `PlannedTensor`s for the `mistral4` llama.cpp
-architecture (a DeepSeek-V2 subclass: MLA attention, routed + shared experts).
-Each planned tensor knows its shape before any data is read, so the GGUF header
-is written first and the data streamed after it, one expert slice at a time.
+`tensor_inventory` lists every GGUF tensor of the `mistral4` llama.cpp architecture
+(a DeepSeek-V2 subclass: MLA attention, routed + shared experts) from the config
+alone: the converter writes exactly these, and the planner sizes them before any
+download. One readable table per checkpoint layout says where each weight lives, and
+`plan_tensors` turns a checkpoint into `PlannedTensor`s in inventory order. Each
+planned tensor knows its shape before any data is read, so the GGUF header is written
+first and the data streamed after it, one expert slice at a time.
 """
 
 from __future__ import annotations
@@ -17,23 +19,32 @@ import numpy as np
 from convert.checkpoint import Checkpoint
 from convert.config import TextConfig
 from convert.errors import ConversionError
-
-# Tensor roles, shared with `inspect` and the quantization recipes.
-ROLE_EMBEDDINGS = "embeddings"
-ROLE_OUTPUT = "output"
-ROLE_NORM = "norm"
-ROLE_ATTENTION = "attention"
-ROLE_ROUTER = "router"
-ROLE_SHARED_EXPERT = "shared_expert"
-ROLE_ROUTED_EXPERTS = "routed_experts"
-ROLE_DENSE_FFN = "dense_ffn"
+from quant.names import ROLE_OF, ROLE_ROUTED_EXPERTS
 
 # Unquantized 2-D tensors bigger than this are streamed in row chunks (the real
 # embedding and output matrices are 131072×4096: 2 GB each in float32).
 CHUNK_ELEMENTS = 8 * 1024 * 1024
 
-ROLES = (ROLE_EMBEDDINGS, ROLE_ATTENTION, ROLE_ROUTER, ROLE_SHARED_EXPERT, ROLE_ROUTED_EXPERTS,
-         ROLE_DENSE_FFN, ROLE_NORM, ROLE_OUTPUT)
+# A layer's tensors in file order: attention, then the MoE or the dense feed-forward.
+# MLA's kv_b_proj is written as attn_k_b (transposed per head) and attn_v_b.
+ATTENTION_KEYS = ("attn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b", "attn_kv_a_mqa", "attn_kv_a_norm",
+                  "attn_k_b", "attn_v_b", "attn_output", "ffn_norm")
+MOE_KEYS = ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+DENSE_KEYS = ("ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One GGUF tensor of the text model, known from the config alone."""
+
+    name: str  # blk.3.ffn_down_exps.weight
+    key: str  # the base name: ffn_down_exps
+    layer: int | None
+    shape: tuple[int, ...]  # numpy order: the row length last
+
+    @property
+    def role(self) -> str:
+        return ROLE_OF[self.key]
 
 
 @dataclass(frozen=True)
@@ -101,26 +112,6 @@ NATIVE_NAMES = {
     "output": "output.weight",
 }
 
-ROLE_OF = {
-    "attn_norm": ROLE_NORM, "attn_q_a_norm": ROLE_NORM, "attn_kv_a_norm": ROLE_NORM, "ffn_norm": ROLE_NORM,
-    "output_norm": ROLE_NORM,
-    "attn_q_a": ROLE_ATTENTION, "attn_q_b": ROLE_ATTENTION, "attn_kv_a_mqa": ROLE_ATTENTION,
-    "attn_k_b": ROLE_ATTENTION, "attn_v_b": ROLE_ATTENTION, "attn_output": ROLE_ATTENTION,
-    "ffn_gate_inp": ROLE_ROUTER,
-    "ffn_gate_up_exps": ROLE_ROUTED_EXPERTS, "ffn_down_exps": ROLE_ROUTED_EXPERTS,
-    "ffn_gate_shexp": ROLE_SHARED_EXPERT, "ffn_up_shexp": ROLE_SHARED_EXPERT, "ffn_down_shexp": ROLE_SHARED_EXPERT,
-    "ffn_gate": ROLE_DENSE_FFN, "ffn_up": ROLE_DENSE_FFN, "ffn_down": ROLE_DENSE_FFN,
-    "token_embd": ROLE_EMBEDDINGS, "output": ROLE_OUTPUT,
-}
-
-
-def role_of_gguf_name(name: str) -> str:
-    """The role of a GGUF tensor name like `blk.3.ffn_down_exps.weight`."""
-    base = name.removesuffix(".weight").removesuffix(".bias")
-    base = base.split(".", 2)[2] if base.startswith("blk.") else base
-    return ROLE_OF.get(base, ROLE_ATTENTION if base.startswith("attn") else ROLE_NORM)
-
-
 def expected_shapes(cfg: TextConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """Source-layout (HF) shapes of one layer's tensors, from the hyper-parameters."""
     h, heads = cfg.hidden_size, cfg.n_heads
@@ -155,38 +146,36 @@ def expected_shapes(cfg: TextConfig, layer: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tensor_inventory(cfg: TextConfig) -> list[GGUFTensor]:
+    """Every GGUF tensor of the text model for `cfg`, in file order: what the converter writes."""
+    inventory = [GGUFTensor("token_embd.weight", "token_embd", None, (cfg.vocab_size, cfg.hidden_size))]
+    for i in range(cfg.n_layers):
+        shapes = expected_shapes(cfg, i)
+        shapes["attn_k_b"] = (cfg.n_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim)
+        shapes["attn_v_b"] = (cfg.n_heads, cfg.v_head_dim, cfg.kv_lora_rank)
+        keys = ATTENTION_KEYS + (MOE_KEYS if cfg.is_moe_layer(i) else DENSE_KEYS)
+        inventory += [GGUFTensor(f"blk.{i}.{key}.weight", key, i, shapes[key]) for key in keys if key in shapes]
+    inventory.append(GGUFTensor("output_norm.weight", "output_norm", None, (cfg.hidden_size,)))
+    if not cfg.tie_embeddings:
+        inventory.append(GGUFTensor("output.weight", "output", None, (cfg.vocab_size, cfg.hidden_size)))
+    return inventory
+
+
 def plan_tensors(ckpt: Checkpoint) -> list[PlannedTensor]:
-    """Every GGUF tensor of the text model, in file order, with shapes checked against the config."""
+    """Every tensor of `tensor_inventory`, in file order, with the source shapes checked against the config."""
     cfg = ckpt.config
     names = _source_names(ckpt)
     planned: list[PlannedTensor] = []
-
-    def whole(key: str, layer: int | None, expected: tuple[int, ...], gguf_name: str) -> None:
-        source = names(key, layer)
-        _check_shape(ckpt, source, expected)
-        planned.append(PlannedTensor(gguf_name, expected, ROLE_OF[key], layer, ckpt.nbytes(source),
-                                     lambda source=source: _row_chunks(ckpt, source, expected)))
-
-    whole("token_embd", None, (cfg.vocab_size, cfg.hidden_size), "token_embd.weight")
-    for i in range(cfg.n_layers):
-        shapes = expected_shapes(cfg, i)
-        for key in ("attn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b", "attn_kv_a_mqa", "attn_kv_a_norm"):
-            whole(key, i, shapes[key], f"blk.{i}.{key}.weight")
-        planned.extend(_split_kv_b(ckpt, cfg, i, names("attn_kv_b", i), shapes["attn_kv_b"]))
-        whole("attn_output", i, shapes["attn_output"], f"blk.{i}.attn_output.weight")
-        whole("ffn_norm", i, shapes["ffn_norm"], f"blk.{i}.ffn_norm.weight")
-        if cfg.is_moe_layer(i):
-            whole("ffn_gate_inp", i, shapes["ffn_gate_inp"], f"blk.{i}.ffn_gate_inp.weight")
-            planned.extend(_experts(ckpt, cfg, i, names, shapes))
-            for key in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"):
-                if key in shapes:
-                    whole(key, i, shapes[key], f"blk.{i}.{key}.weight")
+    for tensor in tensor_inventory(cfg):
+        if tensor.key in ("attn_k_b", "attn_v_b"):
+            planned.append(_kv_b_half(ckpt, cfg, tensor, names("attn_kv_b", tensor.layer)))
+        elif tensor.role == ROLE_ROUTED_EXPERTS:
+            planned.append(_experts(ckpt, cfg, tensor, names))
         else:
-            for key in ("ffn_gate", "ffn_up", "ffn_down"):
-                whole(key, i, shapes[key], f"blk.{i}.{key}.weight")
-    whole("output_norm", None, (cfg.hidden_size,), "output_norm.weight")
-    if not cfg.tie_embeddings:
-        whole("output", None, (cfg.vocab_size, cfg.hidden_size), "output.weight")
+            source = names(tensor.key, tensor.layer)
+            _check_shape(ckpt, source, tensor.shape)
+            planned.append(PlannedTensor(tensor.name, tensor.shape, tensor.role, tensor.layer, ckpt.nbytes(source),
+                                         lambda source=source, shape=tensor.shape: _row_chunks(ckpt, source, shape)))
     return planned
 
 
@@ -220,51 +209,39 @@ def _source_names(ckpt: Checkpoint) -> Callable[..., str]:
     return name
 
 
-def _split_kv_b(ckpt: Checkpoint, cfg: TextConfig, layer: int, source: str,
-                expected: tuple[int, ...]) -> list[PlannedTensor]:
+def _kv_b_half(ckpt: Checkpoint, cfg: TextConfig, tensor: GGUFTensor, source: str) -> PlannedTensor:
     """MLA's kv_b_proj becomes k_b (transposed per head, for weight absorption) and v_b."""
-    _check_shape(ckpt, source, expected)
     heads, nope, v, rank = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    _check_shape(ckpt, source, expected_shapes(cfg, tensor.layer)["attn_kv_b"])
 
-    def per_head() -> np.ndarray:
-        return ckpt.read(source).reshape(heads, nope + v, rank)
+    def pieces() -> Iterator[np.ndarray]:
+        per_head = ckpt.read(source).reshape(heads, nope + v, rank)
+        if tensor.key == "attn_k_b":
+            yield np.ascontiguousarray(per_head[:, :nope, :].transpose(0, 2, 1))
+        else:
+            yield np.ascontiguousarray(per_head[:, nope:, :])
 
-    half = ckpt.nbytes(source) // 2
-    return [
-        PlannedTensor(f"blk.{layer}.attn_k_b.weight", (heads, rank, nope), ROLE_ATTENTION, layer, half,
-                      lambda: iter([np.ascontiguousarray(per_head()[:, :nope, :].transpose(0, 2, 1))])),
-        PlannedTensor(f"blk.{layer}.attn_v_b.weight", (heads, v, rank), ROLE_ATTENTION, layer, half,
-                      lambda: iter([np.ascontiguousarray(per_head()[:, nope:, :])])),
-    ]
+    return PlannedTensor(tensor.name, tensor.shape, tensor.role, tensor.layer, ckpt.nbytes(source) // 2, pieces)
 
 
-def _experts(ckpt: Checkpoint, cfg: TextConfig, layer: int, names: Callable[..., str],
-             shapes: dict[str, tuple[int, ...]]) -> list[PlannedTensor]:
-    """Routed experts as two 3-D tensors, produced one expert at a time."""
-    n = cfg.n_experts
-    gate_up_shape, down_shape = shapes["ffn_gate_up_exps"], shapes["ffn_down_exps"]
+def _experts(ckpt: Checkpoint, cfg: TextConfig, tensor: GGUFTensor, names: Callable[..., str]) -> PlannedTensor:
+    """One routed-expert tensor (gate_up or down) as a 3-D tensor, produced one expert at a time."""
+    n, layer = cfg.n_experts, tensor.layer
     if ckpt.layout == "hf":
-        gate_up, down = names("ffn_gate_up_exps", layer), names("ffn_down_exps", layer)
-        _check_shape(ckpt, gate_up, gate_up_shape)
-        _check_shape(ckpt, down, down_shape)
-        gate_up_pieces = lambda: (ckpt.read(gate_up, e)[None] for e in range(n))  # noqa: E731
-        down_pieces = lambda: (ckpt.read(down, e)[None] for e in range(n))  # noqa: E731
-        gate_up_bytes, down_bytes = ckpt.nbytes(gate_up), ckpt.nbytes(down)
+        merged = names(tensor.key, layer)
+        _check_shape(ckpt, merged, tensor.shape)
+        pieces = lambda: (ckpt.read(merged, e)[None] for e in range(n))  # noqa: E731
+        return PlannedTensor(tensor.name, tensor.shape, tensor.role, layer, ckpt.nbytes(merged), pieces)
+    # Mistral-native checkpoints store one tensor per expert, gate (w1) and up (w3) apart.
+    parts = ("expert_gate", "expert_up") if tensor.key == "ffn_gate_up_exps" else ("expert_down",)
+    shapes = expected_shapes(cfg, layer)
+    sources = [[names(part, layer, e) for e in range(n)] for part in parts]
+    for part, names_of_part in zip(parts, sources):
+        for name in names_of_part:
+            _check_shape(ckpt, name, shapes[part])
+    if tensor.key == "ffn_gate_up_exps":
+        pieces = lambda: (np.concatenate([ckpt.read(g), ckpt.read(u)])[None] for g, u in zip(*sources))  # noqa: E731
     else:
-        source = {key: [names(key, layer, e) for e in range(n)] for key in ("expert_gate", "expert_up", "expert_down")}
-        for key, sources in source.items():
-            for name in sources:
-                _check_shape(ckpt, name, shapes[key])
-        gate_up_pieces = lambda: (  # noqa: E731
-            np.concatenate([ckpt.read(g), ckpt.read(u)])[None]
-            for g, u in zip(source["expert_gate"], source["expert_up"])
-        )
-        down_pieces = lambda: (ckpt.read(d)[None] for d in source["expert_down"])  # noqa: E731
-        gate_up_bytes = sum(ckpt.nbytes(s) for s in source["expert_gate"] + source["expert_up"])
-        down_bytes = sum(ckpt.nbytes(s) for s in source["expert_down"])
-    return [
-        PlannedTensor(f"blk.{layer}.ffn_gate_up_exps.weight", gate_up_shape, ROLE_ROUTED_EXPERTS, layer,
-                      gate_up_bytes, gate_up_pieces),
-        PlannedTensor(f"blk.{layer}.ffn_down_exps.weight", down_shape, ROLE_ROUTED_EXPERTS, layer,
-                      down_bytes, down_pieces),
-    ]
+        pieces = lambda: (ckpt.read(d)[None] for d in sources[0])  # noqa: E731
+    return PlannedTensor(tensor.name, tensor.shape, tensor.role, layer,
+                         sum(ckpt.nbytes(s) for names_of_part in sources for s in names_of_part), pieces)

@@ -1,4 +1,5 @@
-"""Output files that are either complete or absent: written under a temporary name, renamed when done."""
+"""Output files that are either complete or absent (written under a temporary name, renamed when done),
+and the progress a writer reports while it writes one."""
 
 from __future__ import annotations
 
@@ -7,8 +8,27 @@ import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from convert.errors import ConversionError
+
+
+class Progress(Protocol):
+    """Told the totals once, then each written piece (source bytes it consumed)."""
+
+    def start(self, total_bytes: int, total_tensors: int) -> None: ...
+
+    def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None: ...
+
+
+class NoProgress:
+    """The `Progress` of a caller that shows none."""
+
+    def start(self, total_bytes: int, total_tensors: int) -> None:
+        pass
+
+    def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None:
+        pass
 
 
 def temporary_path(output: Path) -> Path:

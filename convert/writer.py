@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import gguf
 import numpy as np
@@ -18,33 +17,18 @@ import numpy as np
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import TextConfig
 from convert.errors import ConversionError
-from convert.output import atomic_output, check_output_path
+from convert.output import NoProgress, Progress, atomic_output, check_output_path
 from convert.mistral4 import PlannedTensor, plan_tensors
 from convert.mmproj import (DEFAULT_MMPROJ_TYPE, MMPROJ_TYPES, MmprojReport, convert_mmproj, has_vision, mmproj_path,
                             vision_config)
 from convert.vocab import add_vocabulary
-from quant.pipeline import (Encoder, TensorSlot, add_recipe_metadata, assign_types, check_requirements,
-                            fallback_lines, file_type_of, gguf_overhead, kv_nbytes, load_importance,
-                            prefetched, resolve_recipe_spec, tensor_importance, validate_recipe_spec)
-from quant.recipes import load_recipe, stored_nbytes
+from quant.imatrix import load_importance, tensor_importance
+from quant.pipeline import (Encoder, add_recipe_metadata, assign_types, check_requirements, fallback_lines,
+                            file_type_of, gguf_overhead, kv_nbytes, prefetched, resolve_recipe_spec,
+                            validate_recipe_spec)
+from quant.recipes import TensorSlot, load_recipe, stored_nbytes
 
 ARCH = "mistral4"
-
-
-class Progress(Protocol):
-    """Told the totals once, then each written piece (source bytes it consumed)."""
-
-    def start(self, total_bytes: int, total_tensors: int) -> None: ...
-
-    def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None: ...
-
-
-class _Silent:
-    def start(self, total_bytes: int, total_tensors: int) -> None:
-        pass
-
-    def advance(self, source_bytes: int, tensor: str, tensor_done: bool) -> None:
-        pass
 
 
 @dataclass
@@ -85,7 +69,7 @@ def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, forc
         planned = plan_tensors(ckpt)
         total_source = sum(t.source_bytes for t in planned)
         with atomic_output(output) as temporary:
-            report = _write(ckpt, planned, temporary, recipe, progress or _Silent(), importance, threads,
+            report = _write(ckpt, planned, temporary, recipe, progress or NoProgress(), importance, threads,
                             imatrix)
         if projector is not None:
             report.mmproj = convert_mmproj(ckpt, projector, mmproj_type, force=force)

@@ -27,8 +27,11 @@ import re
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from convert.errors import ConversionError
-from quant.recipes import Recipe, compatible, stored_nbytes
+from quant.errors import SmallfourError
+from quant.imatrix import tensor_importance
+from quant.names import (ROLE_ATTENTION, ROLE_DENSE_FFN, ROLE_EMBEDDINGS, ROLE_OUTPUT, ROLE_ROUTED_EXPERTS,
+                         ROLE_SHARED_EXPERT)
+from quant.recipes import Recipe, TensorSlot, compatible, stored_nbytes
 
 T = GGMLQuantizationType
 
@@ -39,8 +42,8 @@ RELATIVE_RMSE = {
 }
 LADDER_PLAIN = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 LADDER_IMATRIX = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
-BASE_ROLES = (("embeddings", T.Q4_K), ("output", T.Q6_K), ("attention", T.Q8_0), ("shared_expert", T.Q8_0),
-              ("dense_ffn", T.Q8_0))
+BASE_ROLES = ((ROLE_EMBEDDINGS, T.Q4_K), (ROLE_OUTPUT, T.Q6_K), (ROLE_ATTENTION, T.Q8_0),
+              (ROLE_SHARED_EXPERT, T.Q8_0), (ROLE_DENSE_FFN, T.Q8_0))
 EDGE_FRACTION = 0.11
 
 _SIZE = re.compile(r"^\s*([\d.]+)\s*(tb|tib|gb|gib|mb|mib|b)?\s*$", re.IGNORECASE)
@@ -51,7 +54,7 @@ def parse_budget(text: str) -> int:
     """"60GB" (10^9 bytes, as file sizes are usually quoted), "56GiB" (2^30), "500MB" → bytes."""
     m = _SIZE.match(text)
     if not m:
-        raise ConversionError(f"fit:{text}: cannot read the size; write e.g. fit:60GB or fit:56GiB")
+        raise SmallfourError(f"fit:{text}: cannot read the size; write e.g. fit:60GB or fit:56GiB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "gb").lower()])
 
 
@@ -66,17 +69,15 @@ def _kind(name: str) -> str:
     return "down" if "down" in name else "gate_up"
 
 
-def fit_recipe(budget: int, slots, n_layers: int, importance: dict[str, np.ndarray] | None = None, *,
+def fit_recipe(budget: int, slots: list[TensorSlot], n_layers: int, importance: dict[str, np.ndarray] | None = None, *,
                overhead_bytes: int = 0, name: str = "fit") -> Recipe:
     base = Recipe(name, T.Q8_0, BASE_ROLES)
-    experts = [s for s in slots if s.role == "routed_experts"]
+    experts = [s for s in slots if s.role == ROLE_ROUTED_EXPERTS]
     fixed_bytes = overhead_bytes + sum(
         stored_nbytes(s.shape, base.choose(s.name, s.role, s.layer, s.shape, n_layers).qtype)
-        for s in slots if s.role != "routed_experts")
+        for s in slots if s.role != ROLE_ROUTED_EXPERTS)
     if not experts:
-        raise ConversionError("fit: this model has no routed-expert tensors to size")
-    from quant.pipeline import tensor_importance
-
+        raise SmallfourError("fit: this model has no routed-expert tensors to size")
     with_imatrix = importance is not None and all(tensor_importance(importance, s) is not None for s in experts)
     ladder = LADDER_IMATRIX if with_imatrix else LADDER_PLAIN
     weights = _weights(experts, n_layers, importance if with_imatrix else None)
@@ -90,9 +91,9 @@ def fit_recipe(budget: int, slots, n_layers: int, importance: dict[str, np.ndarr
     rung = {s.name: 0 for s in experts}
     total = fixed_bytes + sum(size(s, 0) for s in experts)
     if total > budget:
-        raise ConversionError(f"fit: {budget / 1e9:.2f} GB is too small; the smallest this model gets is "
-                              f"{total / 1e9:.2f} GB (experts {ladder[0].name}"
-                              f"{'' if with_imatrix else '; an imatrix allows IQ2 types'})")
+        raise SmallfourError(f"fit: {budget / 1e9:.2f} GB is too small; the smallest this model gets is "
+                             f"{total / 1e9:.2f} GB (experts {ladder[0].name}"
+                             f"{'' if with_imatrix else '; an imatrix allows IQ2 types'})")
 
     def best_step(s) -> tuple[float, int] | None:
         here, best = rung[s.name], None
@@ -137,8 +138,6 @@ def _weights(experts, n_layers: int, importance) -> dict[str, float]:
     if importance is None:
         return {s.name: (1.5 if _kind(s.name) == "down" else 1.0) * (2.0 if _is_edge(s.layer, n_layers) else 1.0)
                 for s in experts}
-    from quant.pipeline import tensor_importance
-
     means = {s.name: float(np.mean(tensor_importance(importance, s))) for s in experts}
     kind_mean = {k: np.mean([m for n, m in means.items() if _kind(n) == k]) or 1.0 for k in ("down", "gate_up")}
     return {n: max(m / kind_mean[_kind(n)], 1e-6) for n, m in means.items()}

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from convert.errors import ConversionError
+from quant.errors import SmallfourError
 
 T = GGMLQuantizationType
 
@@ -47,7 +47,7 @@ IMPORTANCE_REQUIRED = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_
 _TARGET_CHUNK_VALUES = 1 << 20
 
 
-class QuantizationError(ConversionError):
+class QuantizationError(SmallfourError):
     """A quantization request ggml would abort on, explained in one line."""
 
 

@@ -28,21 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFType, Keys
 
-from convert.errors import ConversionError
-from smallfour.errors import SmallfourError
+from quant.errors import SmallfourError
+from quant.gguf_io import NotGGUFError, read_header, read_tensor
+from quant.recipes import TensorSlot
 
-GENERAL_TYPE = "imatrix"
-KEY_DATASETS = "imatrix.datasets"
-KEY_CHUNK_COUNT = "imatrix.chunk_count"
-KEY_CHUNK_SIZE = "imatrix.chunk_size"
+GENERAL_TYPE = GGUFType.IMATRIX
+KEY_DATASETS = Keys.IMatrix.DATASETS
+KEY_CHUNK_COUNT = Keys.IMatrix.CHUNK_COUNT
+KEY_CHUNK_SIZE = Keys.IMatrix.CHUNK_SIZE
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
 
-GGUF_MAGIC = b"GGUF"
 
-
-class ImatrixError(SmallfourError, ConversionError):
+class ImatrixError(SmallfourError):
     """A missing, malformed or mismatched importance matrix, explained in one line."""
 
 
@@ -74,45 +74,24 @@ class Imatrix:
 
 def read_imatrix(path: str | Path) -> Imatrix:
     """Every entry of an imatrix GGUF, with its metadata; `ImatrixError` for anything else."""
-    from gguf import GGMLQuantizationType, GGUFReader
-
     path = Path(path)
-    if not path.is_file():
-        raise ImatrixError(f"imatrix file {path} does not exist")
-    with open(path, "rb") as file:
-        magic = file.read(4)
-    if magic != GGUF_MAGIC:
+    try:
+        header = read_header(path, what="imatrix file")
+    except NotGGUFError:
         raise ImatrixError(f"{path} is not a GGUF imatrix (the legacy .dat format is not supported: "
-                           f"convert it with `llama-imatrix --in-file {path.name} -o imatrix.gguf`)")
-    # The header alone (fast even for a model with a 131072-token vocabulary) says what the file is.
-    from smallfour.errors import SmallfourError as _HeaderError
-    from smallfour.plan import read_gguf_header
-
-    try:
-        header, table = read_gguf_header(path)
-    except _HeaderError as exc:
+                           f"convert it with `llama-imatrix --in-file {path.name} -o imatrix.gguf`)") from None
+    except SmallfourError as exc:
         raise ImatrixError(str(exc)) from None
-    if header.get("general.type", GENERAL_TYPE) != GENERAL_TYPE or (
-            "general.architecture" in header and not any(n.endswith(SUMS_SUFFIX) for n, _, _ in table)):
-        what = header.get("general.architecture") or header.get("general.type")
+    fields = header.fields
+    general_type = fields.get(Keys.General.TYPE)
+    if general_type not in (None, GENERAL_TYPE) or (
+            Keys.General.ARCHITECTURE in fields and not any(t.name.endswith(SUMS_SUFFIX) for t in header.tensors)):
+        what = fields.get(Keys.General.ARCHITECTURE) or general_type
         raise ImatrixError(f"{path} is a {what} GGUF, not an importance matrix (make one with `smallfour imatrix`)")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError) as exc:
-        raise ImatrixError(f"{path} is not a readable GGUF file ({exc})") from None
-
-    def scalar(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    general_type = scalar("general.type")
-    if general_type is not None and general_type != GENERAL_TYPE:
-        raise ImatrixError(f"{path} is a GGUF of type {general_type!r}, not an importance matrix "
-                           "(make one with `smallfour imatrix`)")
-    missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in reader.fields]
+    missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in fields]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
+    for tensor in header.tensors:
         name = tensor.name
         if name.endswith(SUMS_SUFFIX):
             target, key = sums, name[: -len(SUMS_SUFFIX)]
@@ -120,11 +99,14 @@ def read_imatrix(path: str | Path) -> Imatrix:
             target, key = counts, name[: -len(COUNTS_SUFFIX)]
         else:
             continue
-        if tensor.tensor_type != GGMLQuantizationType.F32:
-            raise ImatrixError(f"{path}: {name} must be F32, not {tensor.tensor_type.name}")
-        target[key] = np.array(tensor.data, dtype=np.float32).reshape(-1)
+        if tensor.qtype != GGMLQuantizationType.F32:
+            raise ImatrixError(f"{path}: {name} must be F32, not {tensor.qtype.name}")
+        try:
+            target[key] = np.array(read_tensor(header, name), dtype=np.float32).reshape(-1)
+        except SmallfourError as exc:
+            raise ImatrixError(str(exc)) from None
     if not sums and not counts:
-        arch = scalar("general.architecture")
+        arch = fields.get(Keys.General.ARCHITECTURE)
         what = f"a {arch} model" if arch else "a GGUF without *.in_sum2 / *.counts tensors"
         raise ImatrixError(f"{path} is {what}, not an importance matrix (make one with `smallfour imatrix`)")
     if missing:
@@ -139,8 +121,8 @@ def read_imatrix(path: str | Path) -> Imatrix:
             raise ImatrixError(f"{path}: {name} has {sums[name].size} sums for {n_mat} counts")
         entries_sums[name] = sums[name].reshape(n_mat, -1)
         entries_counts[name] = np.rint(counts[name]).astype(np.int64)
-    datasets = [str(d) for d in (scalar(KEY_DATASETS) or [])]
-    return Imatrix(entries_sums, entries_counts, datasets, int(scalar(KEY_CHUNK_COUNT)), int(scalar(KEY_CHUNK_SIZE)))
+    datasets = [str(d) for d in (header.array(KEY_DATASETS) or [])]
+    return Imatrix(entries_sums, entries_counts, datasets, int(fields[KEY_CHUNK_COUNT]), int(fields[KEY_CHUNK_SIZE]))
 
 
 def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
@@ -151,6 +133,36 @@ def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
     an entry to a tensor's shape.
     """
     return read_imatrix(path).importance()
+
+
+def load_importance(path: Path | str | None) -> dict[str, np.ndarray] | None:
+    """`load_imatrix` for an optional `--imatrix FILE`."""
+    return None if path is None else load_imatrix(path)
+
+
+def tensor_importance(importance: dict[str, np.ndarray] | None, slot: TensorSlot) -> np.ndarray | None:
+    """This tensor's importance: 1-D (one value per column), or 2-D (one row per expert/slice)."""
+    if not importance:
+        return None
+    values = importance.get(slot.name)
+    if values is None:
+        values = importance.get(slot.name.removesuffix(".weight"))
+    if values is None:
+        return None
+    values = np.asarray(values, dtype=np.float32)
+    n = slot.shape[-1]
+    if len(slot.shape) == 3 and values.shape == (slot.shape[0] * n,):
+        # A per-head 3-D weight (MLA's attn_k_b/attn_v_b): llama-imatrix keeps one count and
+        # the heads' sums in one row; llama-quantize slices it head by head (importance_rows).
+        values = values.reshape(slot.shape[0], n)
+    ok = values.shape == (n,) or (len(slot.shape) == 3 and values.shape == (slot.shape[0], n))
+    if not ok:
+        raise ImatrixError(f"imatrix entry for {slot.name} has shape {list(values.shape)}; the tensor "
+                           f"{list(slot.shape)} needs [{n}]" + (f" or [{slot.shape[0]}, {n}]"
+                                                                 if len(slot.shape) == 3 else ""))
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ImatrixError(f"imatrix entry for {slot.name} has negative, NaN or infinite values")
+    return values
 
 
 def importance_rows(importance: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -202,7 +214,7 @@ def save_imatrix(path: str | Path, sums: dict[str, np.ndarray], counts: dict[str
     if chunk_count is None:
         chunk_count = largest // chunk_size if chunk_size > 0 else 0
     writer = GGUFWriter(path, arch="")
-    writer.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes none
+    writer.kv_data[0].pop(Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
     writer.add_type(GENERAL_TYPE)
     writer.add_array(KEY_DATASETS, [str(d) for d in datasets])
     writer.add_uint32(KEY_CHUNK_COUNT, int(chunk_count))

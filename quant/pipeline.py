@@ -1,6 +1,6 @@
 """From a recipe and the list of tensors to typed, encoded bytes: shared by convert and quantize.
 
-- `TensorSlot`: what a tensor is (name, role, layer, shape), before any data is read.
+- `TensorSlot` (quant.recipes): what a tensor is (name, role, layer, shape), before any data is read.
 - `resolve_recipe_spec`: a recipe name / preset / TOML file / `fit:SIZE` → `Recipe`.
 - `assign_types`: the type of every tensor, with fallbacks reported.
 - `Encoder`: float32 pieces → the bytes of the chosen type, through ggml's quantizers
@@ -9,15 +9,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from convert.errors import ConversionError
 from quant import ggml
-from quant.recipes import Recipe, TypeChoice, encode, load_recipe, stored_nbytes
+from quant.errors import SmallfourError
+from quant.fit import fit_recipe, parse_budget
+from quant.imatrix import tensor_importance
+from quant.names import ROLE_ROUTED_EXPERTS
+from quant.recipes import FILE_TYPES, Recipe, TensorSlot, TypeChoice, encode, load_recipe, stored_nbytes
 
 T = GGMLQuantizationType
 PLAIN_TYPES = (T.F32, T.F16, T.BF16)
@@ -26,20 +28,10 @@ METADATA_DESCRIPTION = "smallfour.recipe_description"
 METADATA_IMATRIX = "smallfour.imatrix"
 
 
-@dataclass(frozen=True)
-class TensorSlot:
-    name: str
-    role: str
-    layer: int | None
-    shape: tuple[int, ...]
-
-
 def resolve_recipe_spec(spec: str, slots: list[TensorSlot], n_layers: int,
                         importance: dict[str, np.ndarray] | None = None, overhead_bytes: int = 0) -> Recipe:
     """`spec` as a Recipe; `fit:SIZE` is solved here for these tensors (see quant.fit)."""
     if str(spec).lower().startswith("fit:"):
-        from quant.fit import fit_recipe, parse_budget
-
         return fit_recipe(parse_budget(spec[4:]), slots, n_layers, importance, overhead_bytes=overhead_bytes,
                           name=f"fit:{spec[4:].strip()}")
     return load_recipe(spec)
@@ -48,8 +40,6 @@ def resolve_recipe_spec(spec: str, slots: list[TensorSlot], n_layers: int,
 def validate_recipe_spec(spec: str) -> None:
     """Fail fast on an unknown recipe or an unreadable fit:SIZE, before any long work."""
     if str(spec).lower().startswith("fit:"):
-        from quant.fit import parse_budget
-
         parse_budget(spec[4:])
     else:
         load_recipe(spec)
@@ -64,45 +54,6 @@ def fallback_lines(choices: dict[str, TypeChoice]) -> list[str]:
             for name, c in choices.items() if c.fallback_from is not None]
 
 
-def load_importance(path: Path | str | None) -> dict[str, np.ndarray] | None:
-    """An imatrix file (llama.cpp's GGUF imatrix format) as GGUF tensor name → importance."""
-    if path is None:
-        return None
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"imatrix file {path} does not exist")
-    try:
-        from quant.imatrix import load_imatrix
-    except ImportError:
-        raise ConversionError("reading imatrix files needs quant/imatrix.py, which this install lacks") from None
-    return load_imatrix(path)
-
-
-def tensor_importance(importance: dict[str, np.ndarray] | None, slot: TensorSlot) -> np.ndarray | None:
-    """This tensor's importance: 1-D (one value per column), or 2-D (one row per expert/slice)."""
-    if not importance:
-        return None
-    values = importance.get(slot.name)
-    if values is None:
-        values = importance.get(slot.name.removesuffix(".weight"))
-    if values is None:
-        return None
-    values = np.asarray(values, dtype=np.float32)
-    n = slot.shape[-1]
-    if len(slot.shape) == 3 and values.shape == (slot.shape[0] * n,):
-        # A per-head 3-D weight (MLA's attn_k_b/attn_v_b): llama-imatrix keeps one count and
-        # the heads' sums in one row; llama-quantize slices it head by head (quant.imatrix).
-        values = values.reshape(slot.shape[0], n)
-    ok = values.shape == (n,) or (len(slot.shape) == 3 and values.shape == (slot.shape[0], n))
-    if not ok:
-        raise ConversionError(f"imatrix entry for {slot.name} has shape {list(values.shape)}; the tensor "
-                              f"{list(slot.shape)} needs [{n}]" + (f" or [{slot.shape[0]}, {n}]"
-                                                                    if len(slot.shape) == 3 else ""))
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ConversionError(f"imatrix entry for {slot.name} has negative, NaN or infinite values")
-    return values
-
-
 def check_requirements(choices: dict[str, TypeChoice], slots: list[TensorSlot],
                        importance: dict[str, np.ndarray] | None) -> None:
     """Refuse before writing anything if a type needs an importance matrix that is missing."""
@@ -112,7 +63,7 @@ def check_requirements(choices: dict[str, TypeChoice], slots: list[TensorSlot],
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         what = "an imatrix (--imatrix FILE)" if not importance else "imatrix entries"
-        raise ConversionError(f"these types need {what}: {', '.join(missing[:3])}{more}")
+        raise SmallfourError(f"these types need {what}: {', '.join(missing[:3])}{more}")
 
 
 class Encoder:
@@ -142,8 +93,8 @@ class Encoder:
     def check_complete(self) -> None:
         expected = stored_nbytes(self.slot.shape, self.qtype)
         if self.offset != self.slot.shape[0] or self.nbytes != expected:
-            raise ConversionError(f"internal error: {self.slot.name} produced {self.nbytes} bytes for "
-                                  f"{list(self.slot.shape)} ({expected} expected)")
+            raise SmallfourError(f"internal error: {self.slot.name} produced {self.nbytes} bytes for "
+                                 f"{list(self.slot.shape)} ({expected} expected)")
 
 
 def gguf_overhead(kv_bytes: int, slots: list[TensorSlot], alignment: int = 32) -> int:
@@ -176,10 +127,8 @@ def file_type_of(choices: dict[str, TypeChoice], slots: list[TensorSlot]):
     in a model without experts)."""
     from gguf import LlamaFileType
 
-    from quant.recipes import FILE_TYPES
-
     by_type: dict[GGMLQuantizationType, int] = {}
-    experts = [s for s in slots if s.role == "routed_experts"] or slots
+    experts = [s for s in slots if s.role == ROLE_ROUTED_EXPERTS] or slots
     for s in experts:
         qtype = choices[s.name].qtype
         by_type[qtype] = by_type.get(qtype, 0) + stored_nbytes(s.shape, qtype)

@@ -13,31 +13,36 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf.quants import quantize
 
-from convert.errors import ConversionError
+from quant.errors import SmallfourError
+from quant.names import (ROLE_ATTENTION, ROLE_DENSE_FFN, ROLE_EMBEDDINGS, ROLE_NORM, ROLE_OUTPUT, ROLE_ROUTED_EXPERTS,
+                         ROLE_ROUTER, ROLE_SHARED_EXPERT, base_name)
 
-BUILTIN_RECIPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
-    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+BUILTIN_RECIPES: dict[str, GGMLQuantizationType] = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+    "q8_0": GGMLQuantizationType.Q8_0,
 }
 
 # Roles kept in F32 in every recipe: tiny, and the router's choice of experts is
 # sensitive to rounding.
-F32_ROLES = frozenset({"norm", "router"})
+F32_ROLES = frozenset({ROLE_NORM, ROLE_ROUTER})
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """What a tensor is (name, role, layer, shape), before any data is read: what a recipe decides on."""
+
+    name: str
+    role: str
+    layer: int | None
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class TypeChoice:
     qtype: GGMLQuantizationType
     fallback_from: GGMLQuantizationType | None = None
-
-
-def resolve_recipe(name: str) -> tuple[GGMLQuantizationType, LlamaFileType]:
-    try:
-        return BUILTIN_RECIPES[name.lower()]
-    except KeyError:
-        raise ConversionError(f"unknown recipe {name!r}; choose one of {', '.join(BUILTIN_RECIPES)}") from None
 
 
 def choose_type(recipe_type: GGMLQuantizationType, role: str, shape: tuple[int, ...]) -> TypeChoice:
@@ -127,7 +132,8 @@ FILE_TYPES = {
     T.TQ1_0: LlamaFileType.MOSTLY_TQ1_0, T.TQ2_0: LlamaFileType.MOSTLY_TQ2_0,
 }
 
-QUANTIZED_ROLES = ("embeddings", "output", "attention", "shared_expert", "routed_experts", "dense_ffn")
+QUANTIZED_ROLES = (ROLE_EMBEDDINGS, ROLE_OUTPUT, ROLE_ATTENTION, ROLE_SHARED_EXPERT, ROLE_ROUTED_EXPERTS,
+                   ROLE_DENSE_FFN)
 
 
 def parse_type(text: str, where: str = "recipe") -> GGMLQuantizationType:
@@ -138,8 +144,8 @@ def parse_type(text: str, where: str = "recipe") -> GGMLQuantizationType:
     except KeyError:
         qtype = None
     if qtype is None or qtype not in supported_types():
-        raise ConversionError(f"{where}: unknown or unsupported type {text!r}; "
-                              f"types: {', '.join(t.name for t in supported_types())}")
+        raise SmallfourError(f"{where}: unknown or unsupported type {text!r}; "
+                             f"types: {', '.join(t.name for t in supported_types())}")
     return qtype
 
 
@@ -159,16 +165,11 @@ def _layer_items(spec: str, n_layers: int) -> set[int]:
             continue
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
         if not m:
-            raise ConversionError(f"recipe layers {spec!r}: cannot read {item!r} "
-                                  "(write e.g. \"0-3, 7, first:2, last:10%\")")
+            raise SmallfourError(f"recipe layers {spec!r}: cannot read {item!r} "
+                                 "(write e.g. \"0-3, 7, first:2, last:10%\")")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         chosen |= set(range(lo, hi + 1))
     return chosen
-
-
-def base_name(name: str) -> str:
-    base = name.removesuffix(".weight").removesuffix(".bias")
-    return base.split(".", 2)[2] if base.startswith("blk.") else base
 
 
 @dataclass(frozen=True)
@@ -214,11 +215,6 @@ class Recipe:
             return TypeChoice(GGMLQuantizationType.F32)
         return compatible(self.target(name, role, layer, n_layers), shape)
 
-    @property
-    def file_type(self) -> LlamaFileType:
-        qtype = dict(self.roles).get("routed_experts", self.default)
-        return FILE_TYPES.get(qtype, LlamaFileType.GUESSED)
-
     def types_used(self) -> set[GGMLQuantizationType]:
         return {self.default, *(t for _, t in self.roles), *(r.qtype for r in self.rules), *(t for _, t in self.fixed)}
 
@@ -246,11 +242,11 @@ def load_recipe(spec: str) -> Recipe:
     """A recipe from a built-in name (f32, f16, bf16, q8_0, any GGML type), a preset name or a TOML file."""
     text = str(spec).strip()
     if text.lower() in BUILTIN_RECIPES:
-        return single_type_recipe(BUILTIN_RECIPES[text.lower()][0])
+        return single_type_recipe(BUILTIN_RECIPES[text.lower()])
     path = Path(text)
     if text.endswith(".toml") or path.is_file():
         if not path.is_file():
-            raise ConversionError(f"recipe file {path} does not exist")
+            raise SmallfourError(f"recipe file {path} does not exist")
         return parse_recipe(path.read_text(encoding="utf-8"), path.stem, str(path))
     preset = PRESET_DIR / f"{text.lower()}.toml"
     if preset.is_file():
@@ -261,40 +257,40 @@ def load_recipe(spec: str) -> Recipe:
         qtype = None
     if qtype is not None:
         return single_type_recipe(parse_type(text))
-    raise ConversionError(f"unknown recipe {text!r}; choose f32, f16, bf16, q8_0, a GGML type (e.g. q4_k), "
-                          f"a preset ({', '.join(preset_names())}), fit:SIZE or a .toml file")
+    raise SmallfourError(f"unknown recipe {text!r}; choose f32, f16, bf16, q8_0, a GGML type (e.g. q4_k), "
+                         f"a preset ({', '.join(preset_names())}), fit:SIZE or a .toml file")
 
 
 def parse_recipe(source: str, default_name: str, where: str) -> Recipe:
     try:
         data = tomllib.loads(source)
     except tomllib.TOMLDecodeError as exc:
-        raise ConversionError(f"{where}: not valid TOML: {exc}") from None
+        raise SmallfourError(f"{where}: not valid TOML: {exc}") from None
     unknown = set(data) - {"recipe", "roles", "rules"}
     if unknown:
-        raise ConversionError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; "
-                              "expected [recipe], [roles], [[rules]]")
+        raise SmallfourError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; "
+                             "expected [recipe], [roles], [[rules]]")
     head = data.get("recipe", {})
     if "default" not in head:
-        raise ConversionError(f"{where}: [recipe] needs a default type (e.g. default = \"Q4_K\")")
+        raise SmallfourError(f"{where}: [recipe] needs a default type (e.g. default = \"Q4_K\")")
     roles = []
     for role, qtype in data.get("roles", {}).items():
         if role not in QUANTIZED_ROLES:
-            raise ConversionError(f"{where}: unknown role {role!r} in [roles]; roles: {', '.join(QUANTIZED_ROLES)}")
+            raise SmallfourError(f"{where}: unknown role {role!r} in [roles]; roles: {', '.join(QUANTIZED_ROLES)}")
         roles.append((role, parse_type(qtype, f"{where} [roles] {role}")))
     rules = []
     for i, rule in enumerate(data.get("rules", [])):
         extra = set(rule) - {"type", "role", "tensor", "layers", "pattern"}
         if "type" not in rule or extra:
-            raise ConversionError(f"{where}: rule {i + 1} needs a type and only role, tensor, layers, pattern "
-                                  f"(got {', '.join(sorted(rule))})")
+            raise SmallfourError(f"{where}: rule {i + 1} needs a type and only role, tensor, layers, pattern "
+                                 f"(got {', '.join(sorted(rule))})")
         if rule.get("role") is not None and rule["role"] not in QUANTIZED_ROLES:
-            raise ConversionError(f"{where}: rule {i + 1}: unknown role {rule['role']!r}")
+            raise SmallfourError(f"{where}: rule {i + 1}: unknown role {rule['role']!r}")
         if rule.get("pattern") is not None:
             try:
                 re.compile(rule["pattern"])
             except re.error as exc:
-                raise ConversionError(f"{where}: rule {i + 1}: bad pattern {rule['pattern']!r}: {exc}") from None
+                raise SmallfourError(f"{where}: rule {i + 1}: bad pattern {rule['pattern']!r}: {exc}") from None
         if rule.get("layers") is not None:
             _layer_items(rule["layers"], 1000)  # syntax check
         rules.append(Rule(parse_type(rule["type"], f"{where} rule {i + 1}"), rule.get("role"), rule.get("tensor"),

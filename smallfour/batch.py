@@ -23,20 +23,16 @@ import json
 import math
 import os
 import secrets
-import shlex
-import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Optional
-
-import typer
+from typing import IO, TYPE_CHECKING, Any
 
 from smallfour.errors import SmallfourError
-from smallfour.options import GENERATION_HELP, VERBOSE, PlacementFlags, err, with_placement_options
+from smallfour.messages import MessageError, check_messages
 
 if TYPE_CHECKING:
     from smallfour.generate import ChatRequest, GenerationResult
@@ -44,7 +40,6 @@ if TYPE_CHECKING:
 URL = "/v1/chat/completions"
 METHOD = "POST"
 MAX_STOP = 4
-ROLES = ("system", "user", "assistant", "tool")
 # Body fields a chat-completions request may carry that change nothing here (or only in their
 # default form, checked in `_unsupported`); any other field is ignored as well, as vLLM does.
 _UNSUPPORTED_UNLESS_DEFAULT = {
@@ -124,43 +119,10 @@ def _integer(body: dict, name: str, low: int | None = None) -> int | None:
 
 
 def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise LineError("invalid_request", "body.messages must be a non-empty list of messages")
-    for i, message in enumerate(messages):
-        where = f"body.messages[{i}]"
-        if not isinstance(message, dict):
-            raise LineError("invalid_request", f"{where} must be an object with role and content")
-        role = message.get("role")
-        if role not in ROLES:
-            raise LineError("invalid_request", f"{where}.role must be one of {', '.join(ROLES)}, "
-                                               f"got {json.dumps(role)}")
-        content = message.get("content")
-        if content is None:
-            if role != "assistant":
-                raise LineError("invalid_request", f"{where} ({role}) has no content")
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind in ("image_url", "image"):
-                    if role != "user":
-                        raise LineError("invalid_request", f"{where}.content[{j}]: only user messages take images")
-                    url = part.get("image_url") if kind == "image_url" else part.get("image")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    if not isinstance(url, str) or not url:
-                        raise LineError("invalid_request", f"{where}.content[{j}] must be {{\"type\": "
-                                                           "\"image_url\", \"image_url\": {\"url\": PATH or "
-                                                           "data: URL}}")
-                    continue
-                if kind in ("input_image", "input_audio"):
-                    raise LineError("invalid_request", f"{where}.content[{j}] is an {kind}: batch jobs take "
-                                                       "text and image_url parts")
-                if kind != "text" or not isinstance(part.get("text"), str):
-                    raise LineError("invalid_request", f"{where}.content[{j}] must be {{\"type\": \"text\", "
-                                                       f"\"text\": …}}")
-        elif not isinstance(content, str):
-            raise LineError("invalid_request", f"{where}.content must be a string or a list of text and image parts")
-    return messages
+    try:
+        return check_messages(body.get("messages"), "body.messages")
+    except MessageError as exc:
+        raise LineError("invalid_request", str(exc)) from None
 
 
 def _tools(body: dict) -> list | None:
@@ -502,7 +464,7 @@ class _StopStrings:
         self.hit = any(s in self.content[start:] for s in self.stop)
 
 
-def run_jobs(llm, jobs: list[Job], output: BatchOutput, *, model_name: str, done: Counter | None = None,
+def run_jobs(model: Model, jobs: list[Job], output: BatchOutput, *, model_name: str, done: Counter | None = None,
              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> BatchSummary:
     """Run every job not already in the output, writing one line per job as it finishes.
 
@@ -526,7 +488,7 @@ def run_jobs(llm, jobs: list[Job], output: BatchOutput, *, model_name: str, done
             assert job.request is not None and job.custom_id is not None
             watch = _StopStrings(job.stop)
             try:
-                result = complete(llm, job.request, on_text=watch.on_text if job.stop else None,
+                result = complete(model, job.request, on_text=watch.on_text if job.stop else None,
                                   should_stop=lambda: watch.hit or stopped())
             except SmallfourError as exc:
                 job.error = LineError("invalid_request", str(exc))
@@ -562,149 +524,18 @@ def read_input(source: str) -> list[bytes]:
         raise SmallfourError(f"cannot read input {path}: {exc.strerror}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# The `smallfour batch` command
-
-
-class _RichProgress(Progress):
-    def __init__(self, console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                         TextColumn("{task.fields[rate]} tok/s"), TextColumn("{task.fields[errors]}"),
-                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-        self.tokens, self.errors, self.started = 0, 0, time.perf_counter()
-
-    def __enter__(self):
-        self.bars.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.bars.stop()
-
-    def start(self, total: int, skipped: int) -> None:
-        self.started = time.perf_counter()
-        # Resumed lines are counted done but not timed, so the ETA reflects this run's speed.
-        self.task = self.bars.add_task(f"requests ({skipped} done before)" if skipped else "requests",
-                                       total=total - skipped, rate="0.0", errors="")
-        self.skipped = skipped
-
-    def advance(self, completion_tokens: int, ok: bool) -> None:
-        self.tokens += completion_tokens
-        self.errors += not ok
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bars.update(self.task, advance=1, rate=f"{self.tokens / elapsed:.1f}",
-                         errors=f"{self.errors} errors" if self.errors else "")
-
-
-class _Interrupt:
-    """First Ctrl-C: finish cleanly after the current token (no partial line); second: stop now."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-def _load_projector(llm, model: Path, mmproj: Path | None, jobs: list[Job], *, gpu: bool) -> None:
+def load_projector(model: Model, model_path: Path, mmproj: Path | None, jobs: list[Job], *, gpu: bool) -> None:
     """The vision projector, when some line has an image; if it cannot load, those lines get the reason."""
     from smallfour.vision import attach_projector, find_mmproj, image_sources, open_projector
 
     if not any(job.request is not None and image_sources(job.request.messages) for job in jobs):
         return
     try:
-        attach_projector(llm, open_projector(llm, find_mmproj(model, mmproj), use_gpu=gpu))
+        attach_projector(model, open_projector(model, find_mmproj(model_path, mmproj), use_gpu=gpu))
     except SmallfourError as exc:
-        attach_projector(llm, None, error=str(exc))
+        attach_projector(model, None, error=str(exc))
 
 
-@with_placement_options
-def batch_command(
-    model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF "
-                                          "repo OWNER/NAME\\[@REVISION]\\[:QUANT]."),
-    input_file: str = typer.Argument(..., metavar="INPUT", help="JSONL in the OpenAI Batch format: one "
-                                     "{custom_id, method, url: /v1/chat/completions, body} per line; "
-                                     "- reads stdin."),
-    output: str = typer.Option(..., "-o", "--output", help="JSONL to append results to, one "
-                               "{id, custom_id, response, error} line per input line; - writes stdout."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job: skip the custom_ids "
-                                                        "already in OUTPUT (results and errors alike)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: empty OUTPUT if it has lines."),
-    preset: str = typer.Option("instant", "--preset", rich_help_panel=GENERATION_HELP,
-                               help="Defaults for lines without reasoning_effort: instant, think or "
-                                    "think-budget. A line's reasoning_effort \"high\" uses think's sampling, "
-                                    "\"none\" instant's; body fields override either."),
-    think_budget: Optional[int] = typer.Option(None, "--think-budget", min=1, rich_help_panel=GENERATION_HELP,
-                                               help="Most thinking tokens for lines that think; then \\[/THINK] "
-                                                    "is forced and the model answers."),
-    ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens; a request "
-                                                         "whose prompt does not fit gets an error line."),
-    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF for lines with images "
-                                                                  "(default: MODEL's name + -mmproj.gguf beside it)."),
-    verbose: bool = VERBOSE,
-    placement: PlacementFlags = None,
-) -> None:
-    """Run a batch of chat requests (OpenAI Batch JSONL) through one loaded model.
-
-    Each result is appended to OUTPUT as soon as it is done: after a crash or Ctrl-C, --resume does only what is left.
-
-    A bad line gets an error line and the job goes on. Progress (requests, tokens/s, ETA) goes to stderr.
-    """
-    from smallfour.generate import PRESETS
-    from smallfour.runtime import load_model
-    from smallfour.store import resolve_gguf
-
-    if preset not in PRESETS:
-        raise SmallfourError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    path = resolve_gguf(model)
-    layout = placement.resolve(path, ctx)
-    output_path = None if output == "-" else Path(output)
-    if output_path is not None and input_file != "-" and output_path.exists() and Path(input_file).exists() \
-            and output_path.resolve() == Path(input_file).resolve():
-        raise SmallfourError("OUTPUT must not be the INPUT file")
-    lines = read_input(input_file)
-    sink, done = BatchOutput.open(output_path, resume=resume, overwrite=overwrite)
-    try:
-        llm = load_model(path, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, placement=layout)
-        jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab())
-        _load_projector(llm, path, mmproj, jobs, gpu=layout.n_gpu_layers != 0)
-        model_name = path.name.removesuffix(".gguf")
-        with _Interrupt() as interrupt, _RichProgress(err) as bars:
-            summary = run_jobs(llm, jobs, sink, model_name=model_name, done=done, progress=bars,
-                               should_stop=interrupt)
-    finally:
-        sink.close()
-    rate = summary.completion_tokens / summary.seconds if summary.seconds > 0 else 0.0
-    where = "stdout" if output_path is None else str(output_path)
-    plural = "" if summary.failed == 1 else "s"
-    err.print(f"{summary.done} of {summary.total} requests done ({summary.succeeded} answered, "
-              f"{summary.failed} error line{plural}, {summary.skipped} already in the output); "
-              f"{summary.completion_tokens} tokens at {rate:.1f} tok/s → {where}",
-              highlight=False, soft_wrap=True)
-    if summary.interrupted:
-        args = sys.argv[2:] if sys.argv[1:2] == ["batch"] else [model, input_file, "-o", output]
-        command = shlex.join(["smallfour", "batch", *(a for a in args if a not in ("--resume", "--overwrite")),
-                              "--resume"])
-        hint = f"continue with: {command}" if output_path is not None else \
-            "the results so far went to stdout; write to a file (-o FILE) to be able to --resume"
-        err.print(f"[yellow]interrupted[/]: {hint}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
-
-
-__all__ = ["BatchOutput", "BatchSummary", "Job", "LineError", "batch_command", "completion_body", "error_line",
+__all__ = ["BatchOutput", "BatchSummary", "Job", "LineError", "completion_body", "error_line", "load_projector",
            "parse_jobs", "parse_line", "pending_jobs", "read_input", "request_from_body", "run_jobs",
            "success_line"]

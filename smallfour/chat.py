@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import typer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
@@ -40,17 +37,17 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from smallfour.options import (GENERATION_HELP, SEED, TEMPERATURE, TOP_K, TOP_P, VERBOSE, PlacementFlags, read_json_file,
-                               with_placement_options)
 from smallfour.errors import SmallfourError
 from smallfour.generate import (EFFORTS, PRESETS, ChatRequest, GenerationResult, complete, prompt_tokens,
                                 resolve_request)
+from smallfour.interrupt import Interrupt
+from smallfour.messages import load_messages
+from smallfour.model import Model
 from smallfour.vision import with_images
 
 PROMPT = ">>> "
 CONTINUATION = "... "
 HISTORY_LENGTH = 2000
-ROLES = ("system", "user", "assistant", "tool")
 
 HELP = [
     ("/effort none|high", "reasoning effort for the next turns (no argument: show it)"),
@@ -115,7 +112,7 @@ class TurnStats:
 
 @dataclass
 class Session:
-    llm: Any
+    model: Model | None
     preset: str = "instant"
     effort: str | None = None  # None: the preset's
     system: str | None = None
@@ -124,7 +121,7 @@ class Session:
     last: TurnStats | None = None
     turns: int = 0
     images: list[str] = field(default_factory=list)  # attached with /image, sent with the next message
-    model: Path | None = None  # where /image looks for the vision projector
+    model_path: Path | None = None  # where /image looks for the vision projector
     mmproj: Path | None = None  # --mmproj
 
     def conversation(self) -> list[dict[str, Any]]:
@@ -225,32 +222,6 @@ class LineEditor:
 # --------------------------------------------------------------------------- one turn
 
 
-class _Interrupt:
-    """SIGINT during a turn: the first asks generation to stop, a second raises KeyboardInterrupt."""
-
-    def __init__(self):
-        self.requested = False
-
-    def handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-@contextmanager
-def _catch_sigint():
-    interrupt = _Interrupt()
-    try:
-        previous = signal.signal(signal.SIGINT, interrupt.handler)
-    except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
-        yield interrupt
-        return
-    try:
-        yield interrupt
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class _TurnView:
     """What a turn shows while it streams: the tail of thinking (dim) and answer, and a footer."""
 
@@ -297,29 +268,6 @@ class _TurnView:
         yield self.footer()
 
 
-def _reuse_probe(llm) -> tuple[dict[str, int], Callable[[], None]]:
-    """Record how `Llama.generate` splits the prompt: tokens already cached vs evaluated now.
-
-    `generate` trims the cache to the common prefix, then calls `eval` once with the rest of
-    the prompt; the first `eval` call of the turn tells both numbers.
-    """
-    seen: dict[str, int] = {}
-    original = llm.eval
-
-    def eval_and_record(tokens):
-        if not seen:
-            seen["reused"], seen["evaluated"] = llm.n_tokens, len(tokens)
-        return original(tokens)
-
-    llm.eval = eval_and_record
-    llm._smallfour_reused = None  # set by vision.eval_prompt when images went in first
-
-    def undo() -> None:
-        del llm.eval
-
-    return seen, undo
-
-
 def run_turn(session: Session, console: Console, text: str, *, live: bool) -> None:
     """Send one user message, stream the reply, keep it in the conversation."""
     session.messages.append({"role": "user", "content": with_images(text, session.images)})
@@ -329,9 +277,8 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
         session.messages.pop()
         raise
     view = _TurnView()
-    llm = session.llm
+    model = session.model
     result: GenerationResult | None = None
-    probe, undo = _reuse_probe(llm)
     streamed = {"channel": None}
 
     def write_plain(channel: str, piece: str) -> None:
@@ -344,7 +291,7 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
         console.file.flush()
 
     try:
-        with _catch_sigint() as interrupt:
+        with Interrupt() as interrupt:
             def should_stop() -> bool:
                 view.count_token()
                 view.stopping = interrupt.requested
@@ -354,7 +301,7 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
             try:
                 if display is not None:
                     display.start()
-                result = complete(llm, request, on_text=view.on_text if live else write_plain,
+                result = complete(model, request, on_text=view.on_text if live else write_plain,
                                   should_stop=should_stop)
             finally:
                 if display is not None:
@@ -362,25 +309,21 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
             interrupted = interrupt.requested
     except KeyboardInterrupt:
         # A second Ctrl-C while llama.cpp was busy: the result is lost, keep what was streamed.
-        # (llama-cpp-python trims the KV cache to its token list before each evaluation, so its
-        # state stays consistent.)
+        # (The next prompt trims the KV cache to what the model's token list says it holds.)
         interrupted = True
         result = GenerationResult(content=view.content, reasoning_content=view.reasoning,
-                                  completion_tokens=view.tokens, prompt_tokens=probe.get("reused", 0)
-                                  + probe.get("evaluated", 0))
+                                  completion_tokens=view.tokens, prompt_tokens=len(model.tokens))
     except SmallfourError:
         session.messages.pop()
         raise
-    finally:
-        undo()
     if not live and streamed["channel"] is not None:
         console.file.write("\n")
 
     session.images = []  # they went with this message
     session.turns += 1
-    reused = llm._smallfour_reused if llm._smallfour_reused is not None else probe.get("reused", 0)
+    reused = result.cached_tokens
     session.last = TurnStats(result, request.effort or "none", reused, result.prompt_tokens - reused, interrupted,
-                             llm.n_tokens, llm.n_ctx())
+                             len(model.tokens), model.n_ctx)
     _show_result(console, session.last, request, rendered=live)
 
     if not result.content and not result.reasoning_content:
@@ -429,12 +372,7 @@ def save_conversation(session: Session, path: Path) -> int:
 
 
 def load_conversation(session: Session, path: Path) -> int:
-    data = read_json_file(path, "conversation")
-    if isinstance(data, dict):
-        data = data.get("messages")
-    if not isinstance(data, list) or not all(isinstance(m, dict) and m.get("role") in ROLES for m in data):
-        raise SmallfourError(f"{path}: expected a JSON list of {{\"role\", \"content\"}} messages "
-                             f"(roles {', '.join(ROLES)})")
+    data = load_messages(path)
     if data and data[0]["role"] == "system":
         content = data[0].get("content")
         session.system = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
@@ -447,7 +385,7 @@ def load_conversation(session: Session, path: Path) -> int:
 
 
 def show_stats(session: Session, console: Console) -> None:
-    llm = session.llm
+    model = session.model
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -468,11 +406,11 @@ def show_stats(session: Session, console: Console) -> None:
                               f"{r.predicted_ms / 1000:.2f} s: {rate:.1f} tok/s, {ending}")
         grid.add_row("effort", f"{last.effort} (last turn)")
     request = session.request()
-    used, size = llm.n_tokens, llm.n_ctx()
+    used, size = len(model.tokens), model.n_ctx
     context = f"{used} / {size} tokens in the KV cache ({100 * used / size:.0f}%)"
     if session.messages:
         try:
-            context += f"; the conversation is {len(prompt_tokens(llm, request)[1])} tokens"
+            context += f"; the conversation is {len(prompt_tokens(model, request)[1])} tokens"
         except SmallfourError:
             pass
     grid.add_row("context", context)
@@ -589,12 +527,12 @@ def attach_image(session: Session, source: str):
     from smallfour.vision import attach_projector, find_mmproj, open_projector, prepare_all
 
     source = str(Path(source).expanduser()) if not source.startswith("data:") else source
-    if getattr(session.llm, "_smallfour_projector", None) is None:
-        if session.model is None:
+    if session.model.projector is None:
+        if session.model_path is None:
             raise SmallfourError("this session has no model file to find a vision projector beside")
-        path = find_mmproj(session.model, session.mmproj)
-        attach_projector(session.llm, open_projector(session.llm, path))
-    image = prepare_all([source], session.llm._smallfour_projector.geometry)[0]
+        path = find_mmproj(session.model_path, session.mmproj)
+        attach_projector(session.model, open_projector(session.model, path))
+    image = prepare_all([source], session.model.projector.geometry)[0]
     session.images.append(source)
     return image
 
@@ -633,57 +571,3 @@ def repl(session: Session, console: Console, editor: LineEditor) -> None:
         except KeyboardInterrupt:  # Ctrl-C outside generation (a command, the final rendering)
             console.print(Text("[interrupted]", style="yellow"))
 
-
-@with_placement_options
-def chat_command(
-    model: str = typer.Argument(..., help="GGUF file, a GGUF in the store (smallfour models) or a pulled GGUF repo "
-                                          "OWNER/NAME\\[@REVISION]\\[:QUANT]."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt (/system changes it)."),
-    preset: str = typer.Option("instant", "--preset", rich_help_panel=GENERATION_HELP,
-                               help="instant, think or think-budget (/preset changes it)."),
-    effort: Optional[str] = typer.Option(None, "--effort", rich_help_panel=GENERATION_HELP,
-                                         help="Reasoning effort: none or high (overrides the preset's; /effort "
-                                              "changes it)."),
-    think_budget: Optional[int] = typer.Option(None, "--think-budget", min=1, rich_help_panel=GENERATION_HELP,
-                                               help="Most thinking tokens per turn; then the model must answer."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, rich_help_panel=GENERATION_HELP,
-                                             help="Most tokens per reply, thinking included."),
-    temperature: Optional[float] = TEMPERATURE,
-    top_p: Optional[float] = TOP_P,
-    top_k: Optional[int] = TOP_K,
-    seed: Optional[int] = SEED,
-    ctx: int = typer.Option(4096, "--ctx", min=64, help="Context length to allocate, in tokens: the whole "
-                                                        "conversation must fit."),
-    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF for /image (default: "
-                                                                  "MODEL's name + -mmproj.gguf beside it)."),
-    verbose: bool = VERBOSE,
-    placement: PlacementFlags = None,
-) -> None:
-    """Chat with a model in the terminal: history, /commands, Ctrl-C stops a reply, Ctrl-D leaves.
-
-    /help lists the commands. Thinking shows dimmed, then folds to one line (/think); answers render as Markdown.
-    """
-    from smallfour.runtime import load_model
-    from smallfour.store import resolve_gguf
-
-    model = resolve_gguf(model)
-    overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                      seed=seed, think_budget=think_budget).items() if v is not None}
-    session = Session(llm=None, preset=preset, effort=effort, system=system, overrides=overrides, model=model,
-                      mmproj=mmproj)
-    session.request()  # bad --preset / --effort fail here, before the model loads
-    layout = placement.resolve(model, ctx)
-    console = Console(highlight=False)
-    errors = Console(stderr=True)
-    with errors.status(f"loading {model.name}…", spinner="dots") if not verbose else nullcontext():
-        session.llm = load_model(model, n_ctx=ctx, seed=seed, verbose=verbose, kv_type=placement.kv_type,
-                                 placement=layout)
-    request = session.request()
-    console.print(Text.assemble(("smallfour chat", "bold"), f"  {model.name}  ctx {session.llm.n_ctx()}, preset "
-                                f"{session.preset}, effort {request.effort}", style=None), soft_wrap=True)
-    console.print(Text("/help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves.", style="dim"))
-    editor = LineEditor(history_file())
-    try:
-        repl(session, console, editor)
-    finally:
-        editor.save()

@@ -10,18 +10,10 @@ say "you have a GPU, rebuild llama-cpp-python for it".
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
 import platform
-import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import typer
-
-from smallfour import store
+from smallfour import hardware, store
 from smallfour.placement import backend_devices, backend_names
 
 LLAMA_CPP_PIN = "0.3.36"
@@ -104,81 +96,11 @@ def llama_cpp_report() -> dict:
 # --- the machine -----------------------------------------------------------------------------------------------
 
 
-def memory() -> dict:
-    """RAM and swap in bytes, from /proc/meminfo (Linux) or sysconf."""
-    fields: dict[str, int] = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            parts = value.split()
-            if parts and parts[0].isdigit():
-                fields[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    except OSError:
-        pass
-    if "MemTotal" in fields:
-        return {"total": fields["MemTotal"], "available": fields.get("MemAvailable", fields.get("MemFree", 0)),
-                "swap_total": fields.get("SwapTotal", 0), "source": "/proc/meminfo"}
-    try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        return {"total": page * os.sysconf("SC_PHYS_PAGES"), "available": page * os.sysconf("SC_AVPHYS_PAGES"),
-                "swap_total": 0, "source": "sysconf"}
-    except (ValueError, OSError, AttributeError):
-        return {"total": 0, "available": 0, "swap_total": 0, "source": "unknown"}
-
-
-def cpu() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count() or 0, "machine": platform.machine()}
-
-
-def _run(command: list[str]) -> str | None:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout if done.returncode == 0 else None
-
-
-def system_gpus() -> list[dict]:
-    """GPUs the machine has, whatever llama.cpp was built for: NVIDIA via nvidia-smi, AMD via rocm-smi, Apple."""
-    gpus = []
-    if shutil.which("nvidia-smi"):
-        output = _run(["nvidia-smi", "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"])
-        for line in (output or "").splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 3 and parts[1].replace(".", "").isdigit():
-                free = int(float(parts[2]) * 2**20) if parts[2].replace(".", "").isdigit() else None
-                gpus.append({"vendor": "NVIDIA", "name": parts[0], "memory_total": int(float(parts[1]) * 2**20),
-                             "memory_free": free})
-    if shutil.which("rocm-smi"):
-        output = _run(["rocm-smi", "--showproductname", "--json"])
-        try:
-            for card, values in (json.loads(output) if output else {}).items():
-                name = values.get("Card Series") or values.get("Card series") or card
-                gpus.append({"vendor": "AMD", "name": name, "memory_total": None, "memory_free": None})
-        except (ValueError, AttributeError):
-            pass
-    if sys.platform == "darwin" and platform.machine() == "arm64":
-        gpus.append({"vendor": "Apple", "name": "Apple silicon GPU (unified memory)", "memory_total": None,
-                     "memory_free": None})
-    return gpus
-
-
 def disks() -> list[dict]:
     places = [("hub cache (pulled checkpoints)", store.hub_cache()), ("smallfour store (GGUFs)", store.gguf_dir())]
     found = []
     for role, path in places:
-        probe = path
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        usage = shutil.disk_usage(probe)
+        usage = hardware.disk_space(path)
         found.append({"role": role, "path": str(path), "exists": path.exists(), "free": usage.free,
                       "total": usage.total})
     return found
@@ -271,7 +193,8 @@ def _resource_findings(report: dict, gpu_bytes: int) -> list[Finding]:
 
 
 def collect() -> dict:
-    report = {"llama_cpp": llama_cpp_report(), "system_gpus": system_gpus(), "memory": memory(), "cpu": cpu(),
+    report = {"llama_cpp": llama_cpp_report(), "system_gpus": [asdict(g) for g in hardware.system_gpus()],
+              "memory": asdict(hardware.memory()), "cpu": asdict(hardware.cpu()),
               "disks": disks(), "versions": versions(), "platform": platform.platform(),
               "store": {"hub_cache": str(store.hub_cache()), "smallfour_home": str(store.smallfour_home()),
                         "hf_endpoint": _hf_endpoint(), "hf_hub_offline": _hf_offline()}}
@@ -290,63 +213,3 @@ def _hf_offline() -> bool:
 
     return bool(constants.HF_HUB_OFFLINE)
 
-
-# --- the command ---------------------------------------------------------------------------------------------------
-
-_LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
-
-
-def doctor_command(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
-) -> None:
-    """Check this install: llama.cpp backend (CPU/CUDA/Metal/Vulkan), GPUs, RAM, disk, versions — and what to fix."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from smallfour.cli import out
-
-    report = collect()
-    failed = any(f["level"] == "fail" for f in report["findings"])
-    if as_json:
-        print(json.dumps(report, indent=2))
-        raise typer.Exit(1 if failed else 0)
-    llama = report["llama_cpp"]
-    out.print("[bold]llama.cpp[/]")
-    if llama.get("importable"):
-        backends = ", ".join(llama.get("backends", [])) or "?"
-        out.print(f"  llama-cpp-python {llama.get('version')}; backends: {backends}; "
-                  f"GPU offload: {'yes' if llama.get('gpu_offload') else 'no'}", highlight=False)
-        out.print(f"  system info: {llama.get('system_info')}", highlight=False, soft_wrap=True)
-        devices = Table("device", "type", "backend", "description", "free", "total", title_justify="left")
-        for d in llama.get("devices", []):
-            devices.add_row(d["name"], d["type"], d["backend"], d["description"], store.human_bytes(d["memory_free"]),
-                            store.human_bytes(d["memory_total"]))
-        out.print(devices)
-    else:
-        out.print(f"  not importable: {llama.get('error')}", highlight=False)
-    gpus = report["system_gpus"]
-    out.print("[bold]GPUs[/] " + ("; ".join(
-        f"{g['name']} ({store.human_bytes(g['memory_free'])} free of {store.human_bytes(g['memory_total'])})"
-        if g.get("memory_total") else g["name"] for g in gpus) if gpus else "none found (nvidia-smi, rocm-smi)"),
-        highlight=False)
-    ram, machine = report["memory"], report["cpu"]
-    out.print(f"[bold]CPU[/] {machine['model']}, {machine['cores']} threads", highlight=False)
-    out.print(f"[bold]RAM[/] {store.human_bytes(ram['total'])} total, {store.human_bytes(ram['available'])} available, "
-              f"swap {store.human_bytes(ram['swap_total'])}", highlight=False)
-    for disk in report["disks"]:
-        out.print(f"[bold]disk[/] {disk['role']}: {disk['path']} — {store.human_bytes(disk['free'])} free of "
-                  f"{store.human_bytes(disk['total'])}", highlight=False)
-    hub = report["store"]
-    out.print(f"[bold]hub[/] {hub['hf_endpoint']}" + (" (HF_HUB_OFFLINE set)" if hub["hf_hub_offline"] else ""),
-              highlight=False)
-    out.print("[bold]versions[/] " + ", ".join(f"{name} {version or 'not installed'}"
-                                               for name, version in report["versions"].items()), highlight=False)
-    out.print()
-    for finding in report["findings"]:
-        style = _LEVEL_STYLE[finding["level"]]
-        out.print(f"[{style}]{finding['level']:>4}[/] {finding['topic']}: {escape(finding['message'])}",
-                  highlight=False)
-        if finding["fix"]:
-            out.print(f"      fix: {finding['fix']}", highlight=False, soft_wrap=True, markup=False)
-    if failed:
-        raise typer.Exit(1)

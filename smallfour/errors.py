@@ -1,7 +1,5 @@
-"""Errors the CLI reports as one line and a non-zero exit."""
+"""Errors the CLI reports as one line and a non-zero exit (the root lives in the bottom layer)."""
 
+from quant.errors import SmallfourError
 
-class SmallfourError(Exception):
-    """A problem with the user's input or environment, explained in one line."""
-
-    exit_code = 1
+__all__ = ["SmallfourError"]

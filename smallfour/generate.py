@@ -14,7 +14,7 @@ import codecs
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from smallfour.errors import SmallfourError
+from smallfour.model import Model
 from smallfour.placement import Placement
 from smallfour.prompts import Message, render_segments, user_turn
-from smallfour.runtime import chat_template, control_tokens, load_model, tokenize_prompt
+from smallfour.vision import ImageSpan, expand_request
 
 EFFORTS = ("none", "high")
 
@@ -86,6 +87,7 @@ class GenerationResult:
     predicted_ms: float = 0.0
     finish_reason: str = "length"
     tokens: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt positions reused from the KV cache
 
     def as_json(self) -> dict:
         def rate(n: int, ms: float) -> float:
@@ -115,32 +117,44 @@ def check_effort(effort: str | None) -> None:
         raise SmallfourError(f"reasoning effort {effort!r}: Mistral Small 4 accepts {' or '.join(EFFORTS)}")
 
 
-def prompt_tokens(llm, request: ChatRequest) -> tuple[str, list[int]]:
+def prompt_tokens(model: Model, request: ChatRequest) -> tuple[str, list[int]]:
     """The rendered prompt and its token ids, exactly as mistral-common would encode the request."""
-    text, tokens, _ = prompt_with_images(llm, request)
+    text, tokens, _ = prompt_with_images(model, request)
     return text, tokens
 
 
-def prompt_with_images(llm, request: ChatRequest):
+def prompt_with_images(model: Model, request: ChatRequest) -> tuple[str, list[int], list[ImageSpan]]:
     """Prompt text, token ids (images expanded to mistral-common's grids) and where each image sits."""
-    from smallfour.vision import expand_request
-
     check_effort(request.effort)
     settings: dict[str, Any] = {}
     if request.effort is not None:
         settings["reasoning_effort"] = request.effort
     if request.tools:
         settings["tools"] = request.tools
-    segments = render_segments(chat_template(llm), request.messages, **settings)
-    tokens, spans = expand_request(llm, request.messages, tokenize_prompt(llm, segments))
+    segments = render_segments(model.chat_template(), request.messages, **settings)
+    tokens, spans = expand_request(model, request.messages, model.tokenize_prompt(segments))
     return "".join(s.text for s in segments), tokens, spans
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of a generation, as `stream_generate` yields them.
+
+    kind "reasoning" / "content": `text` is the next piece of the thought / the answer;
+    "tool_calls": the turn ends in tool calls (`result.tool_calls`); "finish": the last event,
+    `result` holds the whole turn.
+    """
+
+    kind: str
+    text: str = ""
+    result: GenerationResult | None = None
 
 
 class _Stream:
     """Tracks which channel the model is writing in, from the control tokens it emits."""
 
-    def __init__(self, llm, parse_tools: bool):
-        control = control_tokens(llm)
+    def __init__(self, model: Model, parse_tools: bool):
+        control = model.control_tokens
         self.think_open, self.think_close = control.get("[THINK]"), control.get("[/THINK]")
         self.tool_calls, self.args = (control.get("[TOOL_CALLS]"), control.get("[ARGS]")) if parse_tools else (None, None)
         self.channel = "content"
@@ -148,65 +162,137 @@ class _Stream:
         self.calls: list[list[str]] = []  # [name, arguments] as streamed
 
 
-def complete(llm, request: ChatRequest, *, on_text: Callable[[str, str], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-    """Generate one assistant turn. `on_text(channel, text)` gets "reasoning" and "content" pieces."""
-    _, tokens, spans = prompt_with_images(llm, request)
-    if not spans:
-        return continue_tokens(llm, tokens, request, on_text=on_text, should_stop=should_stop)
-    # Images go in through libmtmd first; generate() then finds the whole prompt cached.
-    from smallfour.vision import eval_prompt, projector_of
+class Sampler:
+    """llama.cpp's own sampler chain for one request: logit bias, top-k, top-p, min-p, temperature, seed.
 
-    started = time.perf_counter()
-    eval_prompt(llm, projector_of(llm), tokens, spans)
-    images_ms = (time.perf_counter() - started) * 1000.0
-    result = continue_tokens(llm, tokens, request, on_text=on_text, should_stop=should_stop)
-    result.prompt_ms += images_ms
-    return result
+    The chain is what llama-cpp-python builds for `Llama.generate` (and llama.cpp's common
+    sampler), so seeded runs draw the same way; logit bias runs natively instead of a Python
+    pass over the vocabulary every token.
+    """
+
+    def __init__(self, model: Model, sampling: Sampling):
+        import llama_cpp as lib
+
+        self._lib = lib
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if sampling.logit_bias:
+            entries = (lib.llama_logit_bias * len(sampling.logit_bias))(
+                *(lib.llama_logit_bias(token, bias) for token, bias in sampling.logit_bias.items()))
+            self._add(lib.llama_sampler_init_logit_bias(model.n_vocab, len(entries), entries))
+        if sampling.temperature <= 0:
+            self._add(lib.llama_sampler_init_greedy())
+        else:
+            self._add(lib.llama_sampler_init_top_k(sampling.top_k))
+            self._add(lib.llama_sampler_init_top_p(sampling.top_p, 1))
+            self._add(lib.llama_sampler_init_min_p(sampling.min_p, 1))
+            self._add(lib.llama_sampler_init_temp(sampling.temperature))
+            self._add(lib.llama_sampler_init_dist(sampling.seed if sampling.seed is not None
+                                                  else lib.LLAMA_DEFAULT_SEED))
+
+    def _add(self, sampler) -> None:
+        self._lib.llama_sampler_chain_add(self.chain, sampler)
+
+    def sample(self, model: Model) -> int:
+        """A token from the logits of the last decoded position (the sampler accepts it)."""
+        return int(self._lib.llama_sampler_sample(self.chain, model.context, -1))
+
+    def accept(self, token: int) -> None:
+        """Tell the chain about a token chosen without it (a forced `[/THINK]`)."""
+        self._lib.llama_sampler_accept(self.chain, token)
+
+    def close(self) -> None:
+        if self.chain:
+            self._lib.llama_sampler_free(self.chain)
+            self.chain = None
 
 
-def continue_tokens(llm, tokens: list[int], request: ChatRequest, *,
-                    on_text: Callable[[str, str], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-    """Generate after already-tokenized prompt `tokens`, with the request's sampling and budget."""
+def stream_generate(model: Model, request: ChatRequest, *,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
+    """Generate one assistant turn, yielding thinking and answer text as it comes, then the result.
+
+    `should_stop()` is polled after every token; when it turns true the turn ends with
+    finish_reason "interrupted". The prompt's shared prefix with what the cache holds is reused.
+    """
+    _, tokens, spans = prompt_with_images(model, request)
+    return generate_from(model, tokens, request, spans=spans, should_stop=should_stop)
+
+
+def generate_from(model: Model, tokens: list[int], request: ChatRequest, *, spans: Sequence[ImageSpan] = (),
+                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
+    """`stream_generate` after an already-tokenized prompt (images at `spans`)."""
     sampling = request.sampling
-    if len(tokens) >= llm.n_ctx():
-        raise SmallfourError(f"prompt is {len(tokens)} tokens, the context holds {llm.n_ctx()}")
-    # Without a seed each request samples afresh; a previous request's seed must not carry over.
-    import llama_cpp
-
-    llm.set_seed(sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-    stream = _Stream(llm, parse_tools=bool(request.tools))
-    result = GenerationResult(prompt_tokens=len(tokens))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    budget = min(sampling.max_tokens, llm.n_ctx() - len(tokens))
-    processors = _logits_processors(sampling, request.think_budget, stream, result)
     started = time.perf_counter()
+    result = GenerationResult(prompt_tokens=len(tokens))
+    result.cached_tokens = model.prefill(tokens, spans)
+    stream = _Stream(model, parse_tools=bool(request.tools))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    budget = min(sampling.max_tokens, model.n_ctx - len(tokens))
+    sampler = Sampler(model, sampling)
     first_token_at = None
-    for token in llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                              min_p=sampling.min_p, repeat_penalty=1.0, logits_processor=processors):
-        first_token_at = first_token_at or time.perf_counter()
-        if token == llm.token_eos():
-            result.finish_reason = "stop"
-            break
-        result.tokens.append(token)
-        result.completion_tokens += 1
-        text = _route(llm, token, stream, decoder, result)
-        if text and on_text is not None:
-            on_text(stream.channel, text)
-        if should_stop is not None and should_stop():
-            result.finish_reason = "interrupted"
-            break
-        if result.completion_tokens >= budget:
-            break
+    try:
+        while True:
+            token = _next_token(model, sampler, stream, result, request.think_budget)
+            first_token_at = first_token_at or time.perf_counter()
+            if model.is_end(token):
+                result.finish_reason = "stop"
+                break
+            result.tokens.append(token)
+            result.completion_tokens += 1
+            text = _route(model, token, stream, decoder, result)
+            if text:
+                yield Event(stream.channel, text)
+            if should_stop is not None and should_stop():
+                result.finish_reason = "interrupted"
+                break
+            if result.completion_tokens >= budget:
+                break
+            model.decode([token])
+    finally:
+        sampler.close()
     finished = time.perf_counter()
     first_token_at = first_token_at or finished
     result.prompt_ms, result.predicted_ms = (first_token_at - started) * 1000.0, (finished - first_token_at) * 1000.0
     _finish_tool_calls(stream, result)
-    return result
+    if result.tool_calls:
+        yield Event("tool_calls", result=result)
+    yield Event("finish", result=result)
 
 
-def _route(llm, token: int, stream: _Stream, decoder, result: GenerationResult) -> str:
+def _next_token(model: Model, sampler: Sampler, stream: _Stream, result: GenerationResult,
+                think_budget: int | None) -> int:
+    """The thinking budget: once spent, `[/THINK]` is the token; once closed, the thought stays closed."""
+    if think_budget is not None and stream.think_close is not None:
+        if stream.channel == "reasoning" and result.reasoning_tokens >= think_budget:
+            sampler.accept(stream.think_close)
+            return stream.think_close
+        if stream.thought_closed and stream.think_open is not None:
+            model.logits()[stream.think_open] = -np.inf
+    return sampler.sample(model)
+
+
+def complete(model: Model, request: ChatRequest, *, on_text: Callable[[str, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    """Generate one assistant turn. `on_text(channel, text)` gets "reasoning" and "content" pieces."""
+    return _collect(stream_generate(model, request, should_stop=should_stop), on_text)
+
+
+def continue_tokens(model: Model, tokens: list[int], request: ChatRequest, *,
+                    on_text: Callable[[str, str], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    """Generate after already-tokenized prompt `tokens`, with the request's sampling and budget."""
+    return _collect(generate_from(model, tokens, request, should_stop=should_stop), on_text)
+
+
+def _collect(events: Iterator[Event], on_text: Callable[[str, str], None] | None) -> GenerationResult:
+    for event in events:
+        if event.kind == "finish":
+            return event.result
+        if on_text is not None and event.text:
+            on_text(event.kind, event.text)
+    raise AssertionError("a generation always ends with a finish event")
+
+
+def _route(model: Model, token: int, stream: _Stream, decoder, result: GenerationResult) -> str:
     """Account one generated token to its channel; the visible text it adds, if any.
 
     Every token generated inside a thought counts as a thinking token, control tokens
@@ -228,7 +314,7 @@ def _route(llm, token: int, stream: _Stream, decoder, result: GenerationResult) 
     if token == stream.args and stream.channel == "tool":
         stream.calls[-1][1] = ""
         return ""
-    text = decoder.decode(llm.detokenize([token], special=False))
+    text = decoder.decode(model.piece(token))
     if stream.channel == "reasoning":
         result.reasoning_content += text
     elif stream.channel == "tool":
@@ -243,41 +329,15 @@ def _route(llm, token: int, stream: _Stream, decoder, result: GenerationResult) 
     return text
 
 
-def interpret(llm, tokens: list[int], *, parse_tools: bool = True) -> GenerationResult:
+def interpret(model: Model, tokens: list[int], *, parse_tools: bool = True) -> GenerationResult:
     """What a finished generation means: thinking, answer and tool calls, as `complete` reports them."""
-    stream = _Stream(llm, parse_tools)
+    stream = _Stream(model, parse_tools)
     result = GenerationResult(tokens=list(tokens), completion_tokens=len(tokens))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in tokens:
-        _route(llm, token, stream, decoder, result)
+        _route(model, token, stream, decoder, result)
     _finish_tool_calls(stream, result)
     return result
-
-
-def _logits_processors(sampling: Sampling, think_budget: int | None, stream: _Stream, result: GenerationResult):
-    """Logit bias, and the thinking budget: once spent, `[/THINK]` is the only token left to sample."""
-    if not sampling.logit_bias and think_budget is None:
-        return None
-    bias_ids = np.array(list(sampling.logit_bias), dtype=np.int64)
-    bias_values = np.array(list(sampling.logit_bias.values()), dtype=np.float32)
-
-    def process(input_ids, scores):
-        if bias_ids.size:
-            scores[bias_ids] += bias_values
-        if think_budget is None or stream.think_close is None:
-            return scores
-        if stream.channel == "reasoning" and result.reasoning_tokens >= think_budget:
-            forced = np.full_like(scores, -np.inf)
-            forced[stream.think_close] = 0.0
-            return forced
-        if stream.thought_closed and stream.think_open is not None:
-            # One thought per turn: once the budget closed it, it stays closed.
-            scores[stream.think_open] = -np.inf
-        return scores
-
-    from llama_cpp import LogitsProcessorList
-
-    return LogitsProcessorList([process])
 
 
 def _finish_tool_calls(stream: _Stream, result: GenerationResult) -> None:
@@ -320,24 +380,26 @@ def resolve_request(messages: list[Message], *, preset: str | None = None, effor
     return ChatRequest(messages, effort if effort is not None else base.effort, tools, sampling, budget)
 
 
-def one_shot(model: Path, request: ChatRequest, *, n_ctx: int = 4096, verbose: bool = False, kv_type: str = "f16",
-             placement: Placement | None = None,
+def one_shot(model_path: Path, request: ChatRequest, *, n_ctx: int = 4096, verbose: bool = False,
+             kv_type: str = "f16", placement: Placement | None = None, n_threads: int | None = None,
              on_text: Callable[[str, str], None] | None = None, mmproj: Path | None = None) -> GenerationResult:
-    llm = load_model(model, n_ctx=n_ctx, seed=request.sampling.seed, verbose=verbose, kv_type=kv_type,
-                     placement=placement)
-    if mmproj is not None:
-        from smallfour.vision import attach_projector, open_projector
+    """Load, answer one request, free."""
+    with Model.load(model_path, n_ctx=n_ctx, verbose=verbose, kv_type=kv_type, placement=placement,
+                    n_threads=n_threads) as model:
+        if mmproj is not None:
+            from smallfour.vision import attach_projector, open_projector
 
-        attach_projector(llm, open_projector(llm, mmproj, use_gpu=(placement or Placement()).n_gpu_layers != 0))
-    return complete(llm, request, on_text=on_text)
-
-
-def dry_run(model: Path, request: ChatRequest, *, verbose: bool = False) -> tuple[str, list[int]]:
-    """The prompt text the template renders for a request, and its token ids; nothing generated."""
-    llm = load_model(model, n_ctx=256, verbose=verbose)
-    return prompt_tokens(llm, request)
+            attach_projector(model, open_projector(model, mmproj,
+                                                   use_gpu=(placement or Placement()).n_gpu_layers != 0))
+        return complete(model, request, on_text=on_text)
 
 
-__all__ = ["ChatRequest", "GenerationResult", "PRESETS", "Sampling", "complete", "continue_tokens", "dry_run",
-           "interpret", "one_shot",
-           "prompt_tokens", "resolve_request", "user_turn"]
+def dry_run(model_path: Path, request: ChatRequest, *, verbose: bool = False) -> tuple[str, list[int]]:
+    """The prompt text the template renders for a request, and its token ids; only the vocabulary is loaded."""
+    with Model.load(model_path, verbose=verbose, vocab_only=True) as model:
+        return prompt_tokens(model, request)
+
+
+__all__ = ["ChatRequest", "Event", "GenerationResult", "PRESETS", "Sampler", "Sampling", "complete",
+           "continue_tokens", "dry_run", "generate_from", "interpret", "one_shot", "prompt_tokens", "resolve_request",
+           "stream_generate", "user_turn"]

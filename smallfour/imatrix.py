@@ -17,28 +17,20 @@ That is `IMatrixCollector::collect_imatrix` of llama.cpp's
 accumulate in float64 here. The file is written by `quant.imatrix.save_imatrix`
 in llama.cpp's imatrix GGUF format.
 
-llama-cpp-python builds its context parameters from
-`llama_context_default_params()` inside `Llama.__init__` and creates the
-context in the same call, so, as `placement.model_params_with_overrides` does
-for the model parameters, we put the callback into those defaults while the
-model loads.
+The callback goes into the context parameters when `Model.load` creates the context.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import typer
 
 from smallfour.errors import SmallfourError
-from smallfour.options import VERBOSE, PlacementFlags, err, with_placement_options
 
 GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10
@@ -75,7 +67,7 @@ class GgmlTensor(ctypes.Structure):
 def _ggml_base() -> ctypes.CDLL:
     from smallfour.placement import _ggml
 
-    _, base = _ggml()
+    base = _ggml()
     base.ggml_op_name.argtypes, base.ggml_op_name.restype = [ctypes.c_int], ctypes.c_char_p
     base.ggml_backend_buffer_is_host.argtypes, base.ggml_backend_buffer_is_host.restype = [ctypes.c_void_p], \
         ctypes.c_bool
@@ -210,28 +202,6 @@ class ImatrixCollector:
         counts += rows // n_mat
 
 
-@contextlib.contextmanager
-def context_params_with_callback(callback) -> Iterator[None]:
-    """While active, llama-cpp-python's `Llama(...)` builds its context params with our eval callback."""
-    import llama_cpp.llama_cpp as lib
-
-    original = lib.llama_context_default_params
-
-    def with_callback():
-        params = original()
-        params.cb_eval = callback
-        params.cb_eval_user_data = None
-        return params
-
-    lib.llama_context_default_params = with_callback
-    try:
-        yield
-    finally:
-        lib.llama_context_default_params = original
-
-
-
-
 @dataclass(frozen=True)
 class ImatrixReport:
     output: Path
@@ -261,34 +231,38 @@ def collect_imatrix(model: Path, text_file: Path, output: Path, *, n_ctx: int = 
                     placement=None, kv_type: str = "f16", n_threads: int | None = None, verbose: bool = False,
                     on_chunk: Callable[[int, int], None] | None = None) -> ImatrixReport:
     """Run `model` over `text_file` in chunks of `n_ctx` tokens and write the importance matrix to `output`."""
-    from quant.imatrix import save_imatrix
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
     text = read_calibration_text(text_file)
     if n_ctx < MIN_DENSE_ROWS:
         raise SmallfourError(f"--ctx {n_ctx}: chunks need at least {MIN_DENSE_ROWS} tokens")
     collector = ImatrixCollector()
-    with context_params_with_callback(collector.callback):
-        llm = load_model(Path(model), n_ctx=n_ctx, logits_all=True, kv_type=kv_type, placement=placement,
-                         n_threads=n_threads, verbose=verbose)
-    llm._smallfour_imatrix = collector  # llama.cpp holds the callback pointer for the context's lifetime
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    with Model.load(Path(model), n_ctx=n_ctx, kv_type=kv_type, placement=placement, n_threads=n_threads,
+                    verbose=verbose, eval_callback=collector.callback) as llm:
+        return _collect(llm, collector, text, text_file, output, n_ctx=n_ctx, chunks=chunks, on_chunk=on_chunk)
+
+
+def _collect(llm, collector: ImatrixCollector, text: str, text_file: Path, output: Path, *, n_ctx: int,
+             chunks: int | None, on_chunk: Callable[[int, int], None] | None) -> ImatrixReport:
+    from quant.imatrix import save_imatrix
+
+    tokens = llm.tokenize(text, add_bos=True)
     available = len(tokens) // n_ctx
     if available == 0:
         raise SmallfourError(f"{text_file} tokenizes to {len(tokens)} tokens, fewer than one chunk of --ctx {n_ctx}; "
                              "give more text or a smaller --ctx")
     n_chunks = available if chunks is None else min(chunks, available)
-    bos = llm.token_bos()
+    bos = llm.bos
     collector.active = True
     try:
         for i in range(n_chunks):
             chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
             if bos >= 0:
                 chunk[0] = bos  # llama-imatrix starts every chunk with <s>
-            llm.reset()  # the next eval drops the whole KV cache
+            llm.reset()
             try:
-                llm.eval(chunk)
-            except RuntimeError as exc:
+                llm.decode(chunk, all_logits=True)  # as llama-imatrix: the output layer sees every row
+            except SmallfourError as exc:
                 if collector.error is None:
                     raise SmallfourError(f"llama.cpp failed on chunk {i + 1}: {exc}") from None
             if collector.error is not None:
@@ -298,7 +272,7 @@ def collect_imatrix(model: Path, text_file: Path, output: Path, *, n_ctx: int = 
     finally:
         collector.active = False
     if not collector.sums:
-        raise SmallfourError(f"{Path(model).name}: no matrix multiplications by model weights were seen")
+        raise SmallfourError(f"{llm.name}: no matrix multiplications by model weights were seen")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     save_imatrix(output, {k: v.astype(np.float32) for k, v in collector.sums.items()}, collector.counts,
                  datasets=[str(text_file)], chunk_count=n_chunks, chunk_size=n_ctx)
@@ -306,37 +280,3 @@ def collect_imatrix(model: Path, text_file: Path, output: Path, *, n_ctx: int = 
               if c.size > 1 and (c == 0).any()}
     return ImatrixReport(Path(output), len(collector.sums), n_chunks, n_ctx, n_chunks * n_ctx, unused)
 
-
-@with_placement_options
-def imatrix_command(
-    model: str = typer.Argument(..., help="GGUF file (F32/F16/BF16 or Q8_0: the precision you will quantize from)."),
-    text: Path = typer.Option(..., "--text", "-f", help="Calibration text (UTF-8). See docs/imatrix.md."),
-    output: Path = typer.Option(..., "-o", "--output", help="Importance matrix to write (llama.cpp imatrix GGUF)."),
-    ctx: int = typer.Option(512, "--ctx", min=MIN_DENSE_ROWS, help="Tokens per chunk (llama-imatrix's -c)."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Most chunks to process (default: all)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads for llama.cpp."),
-    verbose: bool = VERBOSE,
-    placement: PlacementFlags = None,
-) -> None:
-    """Collect an importance matrix (per-expert activation statistics) for `smallfour quantize --imatrix`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from smallfour.store import resolve_gguf
-
-    path = resolve_gguf(model)
-    read_calibration_text(text)  # fail on unreadable text before loading anything
-    with Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=False) as bars:
-        task = bars.add_task("chunks", total=None)
-
-        def advance(done: int, total: int) -> None:
-            bars.update(task, completed=done, total=total)
-
-        report = collect_imatrix(path, text, output, n_ctx=ctx, chunks=chunks, kv_type=placement.kv_type,
-                                 placement=placement.resolve(path, ctx), n_threads=threads, verbose=verbose,
-                                 on_chunk=advance)
-    for name, (unused, total) in report.unused_experts.items():
-        err.print(f"[yellow]partial[/] {name}: {unused} of {total} experts saw no calibration token "
-                  "(they get uniform importance)", highlight=False)
-    err.print(f"wrote {report.output} ({report.entries} tensors, {report.chunks} chunks of {report.chunk_size} "
-              f"tokens)", highlight=False)

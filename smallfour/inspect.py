@@ -6,39 +6,37 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import Keys
 
-from convert.mistral4 import ROLES, role_of_gguf_name
-from quant.recipes import stored_nbytes
-from smallfour.plan import read_gguf_header
-from smallfour.runtime import check_gguf
+from quant.gguf_io import read_header
+from quant.names import ROLES, layer_of, role_of
+from quant.pipeline import METADATA_DESCRIPTION, METADATA_IMATRIX, METADATA_RECIPE
+
+_TOKENIZER_PREFIX = "tokenizer.ggml."
 
 
 def describe(path: Path) -> dict:
     path = Path(path)
-    check_gguf(path)
     # The header alone (arrays such as the 131k-token vocabulary summarized by their length).
-    fields, table = read_gguf_header(path)
-    arch = fields.get("general.architecture")
+    header = read_header(path, what="model file")
+    fields, arch = header.fields, header.architecture or None
     hyper = {name.removeprefix(f"{arch}."): v for name, v in fields.items() if name.startswith(f"{arch}.")}
-    tokenizer = {name.removeprefix("tokenizer.ggml."): v for name, v in fields.items()
-                 if name.startswith("tokenizer.ggml.")}
+    tokenizer = {name.removeprefix(_TOKENIZER_PREFIX): v for name, v in fields.items()
+                 if name.startswith(_TOKENIZER_PREFIX)}
     groups: dict[tuple[str, str], dict] = defaultdict(lambda: {"count": 0, "parameters": 0, "bytes": 0})
-    for name, dims, type_id in table:
-        qtype = GGMLQuantizationType(type_id)
-        shape = tuple(reversed(dims))
-        group = groups[(role_of_gguf_name(name), qtype.name)]
-        group["count"] += 1
-        group["parameters"] += int(np.prod(shape, dtype=np.int64))
-        group["bytes"] += stored_nbytes(shape, qtype)
     layers: dict[int, dict] = {}
-    for name, dims, type_id in table:
-        if name.startswith("blk."):
-            layer = layers.setdefault(int(name.split(".")[1]), {"types": {}, "parameters": 0, "bytes": 0})
-            shape, qtype = tuple(reversed(dims)), GGMLQuantizationType(type_id)
-            layer["types"][name.split(".")[2]] = qtype.name
-            layer["parameters"] += int(np.prod(shape, dtype=np.int64))
-            layer["bytes"] += stored_nbytes(shape, qtype)
+    for t in header.tensors:
+        parameters = int(np.prod(t.shape, dtype=np.int64))
+        group = groups[(role_of(t.name), t.qtype.name)]
+        group["count"] += 1
+        group["parameters"] += parameters
+        group["bytes"] += t.nbytes
+        layer = layer_of(t.name)
+        if layer is not None:
+            totals = layers.setdefault(layer, {"types": {}, "parameters": 0, "bytes": 0})
+            totals["types"][t.name.split(".")[2]] = t.qtype.name
+            totals["parameters"] += parameters
+            totals["bytes"] += t.nbytes
     order = {role: i for i, role in enumerate(ROLES)}
     roles = [
         {"role": role, "type": qtype, **g, "bits_per_weight": round(8 * g["bytes"] / g["parameters"], 3)}
@@ -50,17 +48,17 @@ def describe(path: Path) -> dict:
         "file": str(path),
         "file_bytes": path.stat().st_size,
         "architecture": arch,
-        "name": fields.get("general.name"),
+        "name": fields.get(Keys.General.NAME),
         "hyperparameters": hyper,
         "tokenizer": tokenizer,
-        "chat_template": "tokenizer.chat_template" in fields,
-        "tensors": {"count": len(table), "parameters": total_params, "bytes": total_bytes,
+        "chat_template": Keys.Tokenizer.CHAT_TEMPLATE in fields,
+        "tensors": {"count": len(header.tensors), "parameters": total_params, "bytes": total_bytes,
                     "bits_per_weight": round(8 * total_bytes / max(total_params, 1), 3)},
         "roles": roles,
         # The quantization recipe that wrote the file (smallfour metadata), and the types it gave each layer.
-        "recipe": {"name": fields.get("smallfour.recipe"),
-                   "description": fields.get("smallfour.recipe_description"),
-                   "imatrix": fields.get("smallfour.imatrix")},
+        "recipe": {"name": fields.get(METADATA_RECIPE),
+                   "description": fields.get(METADATA_DESCRIPTION),
+                   "imatrix": fields.get(METADATA_IMATRIX)},
         "layers": [{"layer": i, **g, "bits_per_weight": round(8 * g["bytes"] / max(g["parameters"], 1), 3)}
                    for i, g in sorted(layers.items())],
     }

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from smallfour.errors import SmallfourError
 
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+
+# KV cache types (`--kv-type`) → their GGML type ids, in the order the help lists them.
+KV_TYPES = {"f16": 1, "bf16": 30, "q8_0": 8, "f32": 0}
 
 # llama.cpp's own pattern for routed-expert tensors (`--cpu-moe`), merged gate_up included.
 EXPERT_TENSORS = r"ffn_(up|down|gate|gate_up)_exps"
@@ -64,7 +67,12 @@ def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
 
 
 def expert_overrides(cpu_experts: str, n_layers: int) -> list[tuple[str, str]]:
-    """The overrides that keep routed experts in CPU RAM for `--cpu-experts`."""
+    """The overrides that keep routed experts in CPU RAM for `--cpu-experts` (all, none or N).
+
+    N keeps those of layers 0…N-1 (llama.cpp's `--n-cpu-moe`); the planner counts its
+    layouts with this same function, so what it sizes is what the runtime asks for.
+    The dot after the layer number anchors it: layer 1 never matches blk.10–19.
+    """
     if cpu_experts == "none":
         return []
     if cpu_experts == "all":
@@ -81,32 +89,34 @@ def expert_overrides(cpu_experts: str, n_layers: int) -> list[tuple[str, str]]:
     return [(rf"^blk\.({layers})\.{EXPERT_TENSORS}\.", "CPU")]
 
 
-def _library(lib_dir: Path, name: str) -> ctypes.CDLL:
-    candidates = sorted(lib_dir.glob(f"lib{name}.so*")) + sorted(lib_dir.glob(f"lib{name}.dylib")) + \
-        sorted(lib_dir.glob(f"{name}.dll"))
-    return ctypes.CDLL(str(candidates[0] if candidates else lib_dir / f"lib{name}.so"))
+@functools.cache
+def _ggml() -> ctypes.CDLL:
+    """ggml's backend registry and device accessors, as the libllama llama-cpp-python loaded sees them.
 
+    The symbols are looked up through libllama's own handle, which finds them in the
+    libggml and libggml-base it is linked against. Opening those files again by path
+    could load a second copy of ggml (the wheel ships each library under several
+    names, as separate files), with its own backend registry and buffer types that
+    libllama would not know. The CDLL object is ours, over that handle, so the argument
+    types set here never touch llama-cpp-python's own function objects.
+    """
+    from llama_cpp import llama_cpp as bindings
 
-def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml (backend registry) and libggml-base (device/buffer-type accessors) of llama-cpp-python."""
-    import llama_cpp
-
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    ggml, base = _library(lib_dir, "ggml"), _library(lib_dir, "ggml-base")
+    ggml = ctypes.CDLL(bindings._lib._name, handle=bindings._lib._handle)
     size_t, ptr, text = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p
     ggml.ggml_backend_reg_count.restype = size_t
     ggml.ggml_backend_reg_get.argtypes, ggml.ggml_backend_reg_get.restype = [size_t], ptr
     ggml.ggml_backend_dev_count.restype = size_t
     ggml.ggml_backend_dev_get.argtypes, ggml.ggml_backend_dev_get.restype = [size_t], ptr
     for name in ("ggml_backend_dev_buffer_type", "ggml_backend_dev_host_buffer_type", "ggml_backend_dev_backend_reg"):
-        getattr(base, name).argtypes, getattr(base, name).restype = [ptr], ptr
+        getattr(ggml, name).argtypes, getattr(ggml, name).restype = [ptr], ptr
     for name in ("ggml_backend_buft_name", "ggml_backend_dev_name", "ggml_backend_dev_description",
                  "ggml_backend_reg_name"):
-        getattr(base, name).argtypes, getattr(base, name).restype = [ptr], text
-    base.ggml_backend_dev_type.argtypes, base.ggml_backend_dev_type.restype = [ptr], ctypes.c_int
-    base.ggml_backend_dev_memory.argtypes = [ptr, ctypes.POINTER(size_t), ctypes.POINTER(size_t)]
-    base.ggml_backend_dev_memory.restype = None
-    return ggml, base
+        getattr(ggml, name).argtypes, getattr(ggml, name).restype = [ptr], text
+    ggml.ggml_backend_dev_type.argtypes, ggml.ggml_backend_dev_type.restype = [ptr], ctypes.c_int
+    ggml.ggml_backend_dev_memory.argtypes = [ptr, ctypes.POINTER(size_t), ctypes.POINTER(size_t)]
+    ggml.ggml_backend_dev_memory.restype = None
+    return ggml
 
 
 # enum ggml_backend_dev_type
@@ -114,7 +124,10 @@ DEVICE_KINDS = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "accelerator", 4: "meta"}
 
 
 @dataclass(frozen=True)
-class Device:
+class BackendDevice:
+    """A device as this llama.cpp build's backend registry lists it (CPU, GPU, …), with the
+    memory its driver reports. The planner's `hardware.Device` is what a plan fills instead."""
+
     name: str
     description: str
     kind: str  # a value of DEVICE_KINDS
@@ -133,26 +146,27 @@ def _text(value: bytes | None) -> str:
 
 def backend_names() -> list[str]:
     """The backends this llama.cpp build registered (CPU, CUDA, Metal, Vulkan, …)."""
-    ggml, base = _ggml()
-    return [_text(base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i))) for i in range(ggml.ggml_backend_reg_count())]
+    ggml = _ggml()
+    return [_text(ggml.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i))) for i in range(ggml.ggml_backend_reg_count())]
 
 
-def backend_devices() -> list[Device]:
+def backend_devices() -> list[BackendDevice]:
     """Every device of this llama.cpp build, with its memory as the driver reports it."""
-    ggml, base = _ggml()
+    ggml = _ggml()
     found = []
     for index in range(ggml.ggml_backend_dev_count()):
         device = ggml.ggml_backend_dev_get(index)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        base.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
-        found.append(Device(_text(base.ggml_backend_dev_name(device)), _text(base.ggml_backend_dev_description(device)),
-                            DEVICE_KINDS.get(base.ggml_backend_dev_type(device), "unknown"),
-                            _text(base.ggml_backend_reg_name(base.ggml_backend_dev_backend_reg(device))),
-                            free.value, total.value))
+        ggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+        found.append(BackendDevice(_text(ggml.ggml_backend_dev_name(device)),
+                                   _text(ggml.ggml_backend_dev_description(device)),
+                                   DEVICE_KINDS.get(ggml.ggml_backend_dev_type(device), "unknown"),
+                                   _text(ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(device))),
+                                   free.value, total.value))
     return found
 
 
-def gpu_devices() -> list[Device]:
+def gpu_devices() -> list[BackendDevice]:
     """The GPUs this llama.cpp build can use."""
     return [d for d in backend_devices() if d.is_gpu]
 
@@ -173,14 +187,14 @@ def split_for_gpus(gpus: int | None, tensor_split: tuple[float, ...] | None) -> 
 
 def buffer_types() -> dict[str, int]:
     """Buffer types by name (`CPU`, `CUDA0`, `CUDA_Host`, …) of every device this build has."""
-    ggml, base = _ggml()
+    ggml = _ggml()
     found: dict[str, int] = {}
     for index in range(ggml.ggml_backend_dev_count()):
         device = ggml.ggml_backend_dev_get(index)
-        for getter in (base.ggml_backend_dev_buffer_type, base.ggml_backend_dev_host_buffer_type):
+        for getter in (ggml.ggml_backend_dev_buffer_type, ggml.ggml_backend_dev_host_buffer_type):
             buft = getter(device)
             if buft:
-                found.setdefault(base.ggml_backend_buft_name(buft).decode(), buft)
+                found.setdefault(ggml.ggml_backend_buft_name(buft).decode(), buft)
     return found
 
 

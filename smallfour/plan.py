@@ -1,9 +1,10 @@
 """Placement planning: will a model fit this machine, and how should llama.cpp lay it out?
 
 The planner works before anything is loaded, from a GGUF's tensor table or — before
-any download — from a checkpoint config plus a recipe. It inventories every tensor
-(name, role, layer, bytes), adds the MLA KV cache, compute buffers, the vision
-projector and a runtime overhead, and places them the way llama.cpp will:
+any download — from a checkpoint config plus a recipe. It takes the model's tensor
+inventory (`smallfour.inventory`: name, role, layer, bytes), adds the MLA KV cache,
+compute buffers, the vision projector and a runtime overhead, and places them on the
+devices of a `smallfour.hardware.Hardware` the way llama.cpp will:
 
 * the token embeddings always stay in CPU RAM (llama.cpp never offloads the input layer);
 * each repeating layer, and the output layer after them, goes to one GPU; layers are
@@ -16,38 +17,30 @@ projector and a runtime overhead, and places them the way llama.cpp will:
   the CPU (`n_gpu_layers` below n_layers + 1).
 
 Sizes: model files in decimal GB (the brief's ≈238 GB BF16 is 119e9 × 2 bytes);
-hardware in binary GiB (an "80GB" H100 reports 81559 MiB; DIMMs are binary), and
-`parse_size` reads both "GB" and "GiB" as 2**30 for hardware.
+hardware in binary GiB (`smallfour.hardware`: the devices a plan fills).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from convert.config import TextConfig, from_hf_config, from_native_params
-from convert.errors import ConversionError
-from convert.mistral4 import (ROLE_EMBEDDINGS, ROLE_OUTPUT, ROLE_ROUTED_EXPERTS,
-                              ROLE_SHARED_EXPERT, ROLES, expected_shapes, role_of_gguf_name)
-from quant.gguf_io import read_table
-from quant.recipes import BUILTIN_RECIPES, Recipe, choose_type, load_recipe, single_type_recipe, stored_nbytes
+from quant.names import ROLE_EMBEDDINGS, ROLE_ROUTED_EXPERTS
 from smallfour.errors import SmallfourError
+from smallfour.hardware import (A100_BANDWIDTH, CONSUMER_GPU_BANDWIDTH, CPU_EFFICIENCY, DDR5_DUAL_CHANNEL,
+                                DDR5_SERVER_8CH, GPU_EFFICIENCY, GPU_HEADROOM, H100_BANDWIDTH, H200_BANDWIDTH,
+                                RAM_HEADROOM, Device, GiB, Hardware, detect_hardware)
+from smallfour.inventory import (RECIPE_LADDER, ModelInfo, TensorInfo, is_plan_only, mmproj_bytes, model_from_gguf,
+                                 retyped)
+from smallfour.placement import KV_TYPES, expert_overrides
 
 # --- assumptions, all in one place ---------------------------------------------------------
 
-GiB = 1024**3
-MiB = 1024**2
 GB = 10**9
 
-# Kept free on every device: allocator fragmentation, other processes, a desktop session.
-GPU_HEADROOM = 0.05
-RAM_HEADROOM = 0.10
 # Fixed cost of a process on a device. GPU: CUDA context, cuBLAS workspace, the CUDA
 # pool flash attention draws temporaries from, pipeline-parallel input copies.
 # CPU: the interpreter, llama.cpp and its libraries, pinned host buffers, tokenizer.
@@ -66,469 +59,6 @@ LOGIT_BYTES = 4  # logits and activations are f32
 # first GPU (op_offload): the scheduler copies the weights into that GPU's compute
 # buffer, gate_up and down of one layer together (one graph split).
 OP_OFFLOAD_MIN_BATCH = 32
-
-# Decode reads every active weight once per token; llama.cpp reaches about this share
-# of the peak memory bandwidth with MoE decode (small expert matmuls, kernel launches).
-GPU_EFFICIENCY = 0.6
-CPU_EFFICIENCY = 0.5
-
-# Peak memory bandwidths, bytes/s.
-H100_BANDWIDTH = 3.35e12  # H100 SXM5 80 GB, HBM3
-H200_BANDWIDTH = 4.8e12  # H200 141 GB, HBM3e
-A100_BANDWIDTH = 2.0e12  # A100 80 GB, HBM2e
-CONSUMER_GPU_BANDWIDTH = 1.0e12  # RTX 4090 1008 GB/s, RTX 3090 936 GB/s
-DDR5_DUAL_CHANNEL = 80e9  # desktop DDR5-5200 × 2 channels ≈ 83 GB/s
-DDR5_SERVER_8CH = 307e9  # one socket, 8 × DDR5-4800
-
-KV_TYPES = ("f16", "bf16", "q8_0", "f32")
-# Recipes the planner can size, largest first. The converter produces BUILTIN_RECIPES
-# today; the others are sized as one type for every matrix (what llama.cpp's plain
-# recipes approximate) so a plan can say what a future recipe would need.
-RECIPE_LADDER = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
-
-REAL_MODEL_NAME = "mistral-small-4"
-
-# llama.cpp's own pattern for routed-expert tensors (`--n-cpu-moe`), merged gate_up included.
-EXPERT_TENSORS = r"ffn_(up|down|gate|gate_up)_exps"
-
-
-# --- the model: tensors and the few hyper-parameters placement needs -------------------------
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    role: str
-    layer: int | None
-    shape: tuple[int, ...]  # numpy order: rows first, the row length last
-    qtype: GGMLQuantizationType
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    source: str  # "gguf", "config" or "built-in"
-    recipe: str
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    vocab_size: int
-    kv_lora_rank: int
-    rope_dim: int
-    n_experts: int
-    n_experts_used: int
-    expert_ff: int
-    tensors: tuple[TensorInfo, ...]
-
-    @property
-    def weights_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def kv_width(self) -> int:
-        """Values cached per token per layer: MLA's compressed latent plus the shared rope key."""
-        return self.kv_lora_rank + self.rope_dim
-
-    def bytes_by_role(self) -> dict[str, int]:
-        totals = dict.fromkeys(ROLES, 0)
-        for t in self.tensors:
-            totals[t.role] = totals.get(t.role, 0) + t.nbytes
-        return {role: n for role, n in totals.items() if n}
-
-
-def real_hf_config() -> dict:
-    """Mistral Small 4's `config.json`, text part, from the brief's hyper-parameters.
-
-    Placement needs only the shapes; the rope fields are the release's documented
-    YaRN settings (factor 128 over 8192) so the config also converts cleanly.
-    """
-    return {
-        "architectures": ["Mistral3ForConditionalGeneration"],
-        "model_type": "mistral3",
-        "tie_word_embeddings": False,
-        "text_config": {
-            "model_type": "mistral4",
-            "vocab_size": 131072,
-            "hidden_size": 4096,
-            "intermediate_size": 12288,  # dense FFN size; unused, no leading dense layers
-            "moe_intermediate_size": 2048,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 32,
-            "n_shared_experts": 1,
-            "n_routed_experts": 128,
-            "num_experts_per_tok": 4,
-            "first_k_dense_replace": 0,
-            "norm_topk_prob": True,
-            "routed_scaling_factor": 1.0,
-            "q_lora_rank": 1024,
-            "kv_lora_rank": 256,
-            "qk_rope_head_dim": 64,
-            "qk_nope_head_dim": 64,
-            "v_head_dim": 128,
-            "max_position_embeddings": 1048576,
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": False,
-            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
-                                "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0,
-                                "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
-        },
-    }
-
-
-def real_config() -> TextConfig:
-    return from_hf_config(real_hf_config())
-
-
-def recipe_type(recipe: str) -> GGMLQuantizationType:
-    name = recipe.lower()
-    if name in BUILTIN_RECIPES:
-        return BUILTIN_RECIPES[name][0]
-    if name in RECIPE_LADDER:
-        return GGMLQuantizationType[name.upper()]
-    raise SmallfourError(f"unknown recipe {recipe!r}; the planner sizes {', '.join(RECIPE_LADDER)}")
-
-
-def is_plan_only(recipe: str) -> bool:
-    """True for recipes the planner can size but `smallfour convert` does not produce yet."""
-    try:
-        load_recipe(recipe)
-    except ConversionError:
-        return True
-    return False
-
-
-def recipe_for(recipe: str, tensors: list[TensorInfo] | tuple[TensorInfo, ...], n_layers: int) -> Recipe:
-    """A recipe the converter would apply: a ladder type, a preset, a TOML file or fit:SIZE
-    (solved for `tensors`, the same size model `smallfour convert` uses)."""
-    if recipe.lower() in RECIPE_LADDER:
-        return single_type_recipe(recipe_type(recipe))
-    from quant.pipeline import TensorSlot, resolve_recipe_spec
-
-    try:
-        return resolve_recipe_spec(recipe, [TensorSlot(t.name, t.role, t.layer, t.shape) for t in tensors], n_layers)
-    except ConversionError as exc:
-        raise SmallfourError(str(exc)) from None
-
-
-def _typed(name: str, role: str, layer: int | None, shape: tuple[int, ...],
-           recipe: GGMLQuantizationType | Recipe, n_layers: int = 0) -> TensorInfo:
-    if isinstance(recipe, Recipe):
-        qtype = recipe.choose(name, role, layer, shape, n_layers).qtype
-    else:
-        qtype = choose_type(recipe, role, shape).qtype
-    return TensorInfo(name, role, layer, shape, qtype, stored_nbytes(shape, qtype))
-
-
-def _config_tensors(cfg: TextConfig, recipe: GGMLQuantizationType | Recipe) -> list[TensorInfo]:
-    """Every GGUF tensor the converter writes for `cfg`, in file order (see convert.mistral4.plan_tensors)."""
-    from convert.mistral4 import ROLE_OF
-
-    tensors = [_typed("token_embd.weight", ROLE_EMBEDDINGS, None, (cfg.vocab_size, cfg.hidden_size), recipe)]
-    for i in range(cfg.n_layers):
-        shapes = expected_shapes(cfg, i)
-        # kv_b_proj is written as k_b (transposed per head) and v_b.
-        shapes["attn_k_b"] = (cfg.n_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim)
-        shapes["attn_v_b"] = (cfg.n_heads, cfg.v_head_dim, cfg.kv_lora_rank)
-        keys = ["attn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b", "attn_kv_a_mqa", "attn_kv_a_norm",
-                "attn_k_b", "attn_v_b", "attn_output", "ffn_norm"]
-        if cfg.is_moe_layer(i):
-            keys += ["ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps"]
-            keys += [k for k in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp") if k in shapes]
-        else:
-            keys += ["ffn_gate", "ffn_up", "ffn_down"]
-        tensors += [_typed(f"blk.{i}.{k}.weight", ROLE_OF[k], i, shapes[k], recipe, cfg.n_layers) for k in keys]
-    tensors.append(_typed("output_norm.weight", "norm", None, (cfg.hidden_size,), recipe))
-    if not cfg.tie_embeddings:
-        tensors.append(_typed("output.weight", ROLE_OUTPUT, None, (cfg.vocab_size, cfg.hidden_size), recipe))
-    return tensors
-
-
-def model_from_config(cfg: TextConfig, recipe: str = "bf16", name: str = "config") -> ModelInfo:
-    tensors = _config_tensors(cfg, recipe_for(recipe, _config_tensors(cfg, GGMLQuantizationType.F32), cfg.n_layers))
-    return ModelInfo(name=name, source="config", recipe=recipe.lower(), n_layers=cfg.n_layers,
-                     hidden_size=cfg.hidden_size, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
-                     kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, n_experts=cfg.n_experts,
-                     n_experts_used=cfg.n_experts_used, expert_ff=cfg.expert_ff, tensors=tuple(tensors))
-
-
-def real_model(recipe: str = "bf16") -> ModelInfo:
-    return replace(model_from_config(real_config(), recipe, REAL_MODEL_NAME), source="built-in")
-
-
-def load_config(path: Path) -> TextConfig:
-    """A TextConfig from `config.json`, `params.json`, or a checkpoint directory holding one."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in ("config.json", "params.json") if (path / n).is_file()]
-        if not found:
-            raise SmallfourError(f"{path} has no config.json or params.json")
-        path = found[0]
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SmallfourError(f"cannot read {path} as JSON: {exc}") from None
-    try:
-        native = "moe" in data and "kv_lora_rank" in data and "text_config" not in data
-        return from_native_params(data) if native else from_hf_config(data)
-    except ConversionError as exc:
-        raise SmallfourError(str(exc)) from None
-
-
-def _gguf_role(name: str) -> str:
-    # Other converters split gate/up: role_of_gguf_name knows only our merged names.
-    base = name.removesuffix(".weight")
-    if base.endswith("_exps"):
-        return ROLE_ROUTED_EXPERTS
-    if base.endswith("_shexp"):
-        return ROLE_SHARED_EXPERT
-    return role_of_gguf_name(name)
-
-
-def _layer_of(name: str) -> int | None:
-    match = re.match(r"blk\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
-def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
-    """The metadata (arrays as their lengths) and tensor table (name, ggml dims, type id) of a GGUF.
-
-    Only the header is read: planning a model must work before its data is all there. Loading
-    a model asks several times (planner, expert overrides, vision checks), and walking the
-    131k-token vocabulary costs ≈0.3 s, so the answer is kept while the file is unchanged;
-    callers must not modify it.
-    """
-    try:
-        stat = Path(path).stat()
-    except OSError as exc:
-        raise SmallfourError(f"cannot read {path}: {exc.strerror}") from None
-    return _read_gguf_header(Path(path).resolve(), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_gguf_header(path: Path, mtime_ns: int, size: int) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
-    try:
-        table = read_table(path, require_data=False)
-    except ConversionError as exc:
-        raise SmallfourError(str(exc)) from None
-    return table.values, [(t.name, tuple(reversed(t.shape)), int(t.qtype)) for t in table.tensors]
-
-
-def model_from_gguf(path: Path) -> ModelInfo:
-    """The tensor inventory and MLA hyper-parameters of a GGUF, read from its header only."""
-    from gguf import LlamaFileType
-
-    from smallfour.runtime import check_gguf
-
-    path = Path(path)
-    check_gguf(path)
-    fields, table = read_gguf_header(path)
-    arch = fields.get("general.architecture")
-
-    def hparam(key: str, default=None):
-        return fields.get(f"{arch}.{key}", default)
-
-    if hparam("attention.kv_lora_rank") is None:
-        raise SmallfourError(f"{path.name} is a {arch} model; the planner knows MLA models (mistral4)")
-    tensors = []
-    for name, dims, type_id in table:
-        shape = tuple(reversed(dims))  # ggml lists the row length first
-        qtype = GGMLQuantizationType(type_id)
-        tensors.append(TensorInfo(name, _gguf_role(name), _layer_of(name), shape, qtype, stored_nbytes(shape, qtype)))
-    file_type = fields.get("general.file_type")
-    recipe = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower() \
-        if file_type is not None else "?"
-    recipe = fields.get("smallfour.recipe") or recipe  # the recipe smallfour wrote it with
-    return ModelInfo(
-        name=path.name, source="gguf", recipe=recipe, n_layers=hparam("block_count"),
-        hidden_size=hparam("embedding_length"), n_heads=hparam("attention.head_count"),
-        vocab_size=hparam("vocab_size") or fields.get("tokenizer.ggml.tokens", 0),
-        kv_lora_rank=hparam("attention.kv_lora_rank"), rope_dim=hparam("rope.dimension_count"),
-        n_experts=hparam("expert_count", 0), n_experts_used=hparam("expert_used_count", 0),
-        expert_ff=hparam("expert_feed_forward_length", 0), tensors=tuple(tensors))
-
-
-def retyped(model: ModelInfo, recipe: str) -> ModelInfo:
-    """The same model converted with another recipe (norms and router stay F32, as in convert)."""
-    chosen = recipe_for(recipe, model.tensors, model.n_layers)
-    tensors = tuple(_typed(t.name, t.role, t.layer, t.shape, chosen, model.n_layers) for t in model.tensors)
-    return replace(model, recipe=recipe.lower(), tensors=tensors)
-
-
-def mmproj_bytes(path: Path) -> int:
-    """Bytes of a projector GGUF's tensors (any architecture)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SmallfourError(f"projector file {path} does not exist")
-    _, table = read_gguf_header(path)
-    return sum(stored_nbytes(tuple(reversed(dims)), GGMLQuantizationType(t)) for _, dims, t in table)
-
-
-# --- hardware -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    kind: str  # "gpu" or "cpu"
-    capacity_bytes: int
-    bandwidth: float  # peak, bytes/s
-
-    @property
-    def usable_bytes(self) -> int:
-        headroom = GPU_HEADROOM if self.kind == "gpu" else RAM_HEADROOM
-        return int(self.capacity_bytes * (1 - headroom))
-
-    @property
-    def efficiency(self) -> float:
-        return GPU_EFFICIENCY if self.kind == "gpu" else CPU_EFFICIENCY
-
-
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    gpus: tuple[Device, ...]
-    ram: Device
-
-    @property
-    def devices(self) -> tuple[Device, ...]:
-        return (*self.gpus, self.ram)
-
-
-@dataclass(frozen=True)
-class GpuModel:
-    label: str
-    capacity_bytes: int
-    bandwidth: float
-
-
-# Capacities as nvidia-smi reports them (the memory a process can see, before its context).
-GPU_MODELS = {
-    "h100": GpuModel("H100 80GB", 81559 * MiB, H100_BANDWIDTH),
-    "h200": GpuModel("H200 141GB", 143771 * MiB, H200_BANDWIDTH),
-    "a100": GpuModel("A100 80GB", 81920 * MiB, A100_BANDWIDTH),
-    "rtx4090": GpuModel("RTX 4090 24GB", 24564 * MiB, CONSUMER_GPU_BANDWIDTH),
-    "rtx3090": GpuModel("RTX 3090 24GB", 24576 * MiB, 936e9),
-}
-
-
-def _gpus(model: str, count: int) -> tuple[Device, ...]:
-    spec = GPU_MODELS[model]
-    return tuple(Device(f"GPU{i} {spec.label}", "gpu", spec.capacity_bytes, spec.bandwidth) for i in range(count))
-
-
-def _ram(gib: int, bandwidth: float) -> Device:
-    return Device(f"CPU RAM {gib} GiB", "cpu", gib * GiB, bandwidth)
-
-
-PROFILES: dict[str, Hardware] = {
-    # The reference: a DGX-class H100 node (its 2 TB host RAM only holds the embeddings).
-    "4xH100": Hardware("4xH100", _gpus("h100", 4), _ram(2048, DDR5_SERVER_8CH)),
-    "2xH200": Hardware("2xH200", _gpus("h200", 2), _ram(1024, DDR5_SERVER_8CH)),
-    "1xH100+256GB": Hardware("1xH100+256GB", _gpus("h100", 1), _ram(256, DDR5_SERVER_8CH)),
-    "24GB+128GB": Hardware("24GB+128GB", _gpus("rtx4090", 1), _ram(128, DDR5_DUAL_CHANNEL)),
-    "cpu-96GB": Hardware("cpu-96GB", (), _ram(96, DDR5_DUAL_CHANNEL)),
-}
-
-
-def profile(name: str) -> Hardware:
-    for key, hardware in PROFILES.items():
-        if key.lower() == name.lower():
-            return hardware
-    raise SmallfourError(f"unknown hardware profile {name!r}; choose one of {', '.join(PROFILES)}")
-
-
-_SIZE = re.compile(r"^\s*([\d.]+)\s*(t|tb|tib|g|gb|gib|m|mb|mib)?\s*$", re.IGNORECASE)
-_RATE = re.compile(r"^\s*([\d.]+)\s*(tb/s|gb/s)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """"80GB", "80GiB", "81559MiB", "2TB" → bytes; hardware sizes are binary whichever unit."""
-    match = _SIZE.match(text)
-    if not match:
-        raise SmallfourError(f"cannot read {text!r} as a memory size; write e.g. 80GB or 81559MiB")
-    unit = (match.group(2) or "gb").lower()[0]
-    return int(float(match.group(1)) * {"t": 1024**4, "g": GiB, "m": MiB}[unit])
-
-
-def parse_rate(text: str) -> float:
-    match = _RATE.match(text)
-    if not match:
-        raise SmallfourError(f"cannot read {text!r} as a bandwidth; write e.g. 1TB/s or 80GB/s")
-    return float(match.group(1)) * (1e12 if match.group(2).lower().startswith("t") else 1e9)
-
-
-def default_gpu_bandwidth(capacity_bytes: int) -> float:
-    # An unnamed GPU: an 80 GB-class card is assumed A100-like (the slowest of them),
-    # anything smaller a consumer or workstation card.
-    return A100_BANDWIDTH if capacity_bytes >= 64 * GiB else CONSUMER_GPU_BANDWIDTH
-
-
-def parse_gpu(text: str, index: int) -> Device:
-    """`h100`, `80GB`, or either with `@BANDWIDTH` (`24GB@1TB/s`)."""
-    spec, _, rate = text.partition("@")
-    known = GPU_MODELS.get(spec.strip().lower().replace("-", ""))
-    if known:
-        capacity, bandwidth, label = known.capacity_bytes, known.bandwidth, known.label
-    else:
-        capacity = parse_size(spec)
-        bandwidth, label = default_gpu_bandwidth(capacity), f"{capacity / GiB:.0f} GiB"
-    if rate:
-        bandwidth = parse_rate(rate)
-    return Device(f"GPU{index} {label}", "gpu", capacity, bandwidth)
-
-
-def parse_ram(text: str) -> Device:
-    spec, _, rate = text.partition("@")
-    capacity = parse_size(spec)
-    return Device(f"CPU RAM {capacity / GiB:.0f} GiB", "cpu", capacity,
-                  parse_rate(rate) if rate else DDR5_DUAL_CHANNEL)
-
-
-def hardware_from_specs(gpus: list[str], ram: str | None, base: Hardware | None = None) -> Hardware:
-    """`base` (a profile, or this machine) with its GPUs and/or RAM replaced by `--gpu`/`--ram` specs."""
-    base = base or detect_hardware()
-    if not gpus and not ram:
-        return base
-    new_gpus = tuple(parse_gpu(g, i) for i, g in enumerate(gpus)) if gpus else base.gpus
-    new_ram = parse_ram(ram) if ram else base.ram
-    name = " + ".join([*(d.name.split(" ", 1)[1] for d in new_gpus), new_ram.name.removeprefix("CPU ")])
-    return Hardware(name, new_gpus, new_ram)
-
-
-def _gpu_bandwidth_by_description(description: str, capacity: int) -> float:
-    text = description.lower()
-    for key, spec in GPU_MODELS.items():
-        if key in text.replace(" ", ""):
-            return spec.bandwidth
-    return default_gpu_bandwidth(capacity)
-
-
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise SmallfourError("cannot read MemAvailable from /proc/meminfo")
-
-
-def detect_hardware() -> Hardware:
-    """This machine: discrete GPUs (free memory) from llama.cpp's backend registry, RAM from MemAvailable.
-
-    Integrated GPUs share system RAM and are not counted. RAM bandwidth cannot be
-    measured here and is assumed dual-channel DDR5.
-    """
-    from smallfour.placement import gpu_devices
-
-    try:
-        found = [d for d in gpu_devices() if d.kind == "GPU"]
-    except (OSError, AttributeError):
-        found = []
-    gpus = tuple(Device(f"GPU{i} {d.description}", "gpu", d.free_bytes,
-                        _gpu_bandwidth_by_description(d.description, d.total_bytes))
-                 for i, d in enumerate(found))
-    available = mem_available()
-    return Hardware("local", gpus, Device(f"CPU RAM {available / GiB:.0f} GiB free", "cpu", available,
-                                          DDR5_DUAL_CHANNEL))
 
 
 # --- memory beyond the weights ------------------------------------------------------------
@@ -555,7 +85,7 @@ def kv_bytes_per_token_per_layer(model: ModelInfo, kv_type: str) -> int:
     """llama.cpp's MLA cache holds only the latent + rope key (K); V is a view of it and takes 0 bytes."""
     if kv_type not in KV_TYPES:
         raise SmallfourError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.upper()]]
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(KV_TYPES[kv_type])]
     if model.kv_width % block:
         raise SmallfourError(f"KV type {kv_type} needs the cached width ({model.kv_width}) to be a multiple of {block}")
     return model.kv_width // block * size
@@ -802,13 +332,15 @@ class Plan:
         """Keyword arguments for the runtime; `cpu_experts` follows llama.cpp's `--n-cpu-moe`."""
         layout, s = self.layout, self.settings
         multi_gpu = len(self.hardware.gpus) > 1 and bool(layout.layers_per_gpu)
+        # The very overrides the runtime builds from `--cpu-experts N`.
+        overrides = expert_overrides(str(layout.cpu_experts), self.model.n_layers) if layout.layers_per_gpu else []
         return {
             "n_gpu_layers": self.n_gpu_layers,
             "split_mode": "layer",
             "main_gpu": 0,
             "tensor_split": list(layout.layers_per_gpu) if multi_gpu else None,
             "cpu_experts": layout.cpu_experts if layout.layers_per_gpu else 0,
-            "override_tensor": expert_override(layout.cpu_experts) if layout.layers_per_gpu else [],
+            "override_tensor": [f"{pattern}={device}" for pattern, device in overrides],
             "n_ctx": s.n_ctx,
             "n_batch": s.n_batch,
             "n_ubatch": s.n_ubatch,
@@ -862,14 +394,6 @@ class Plan:
             "decode": self.decode_estimate(),
             "assumptions": assumptions(),
         }
-
-
-def expert_override(cpu_experts: int) -> list[str]:
-    """llama.cpp `--override-tensor` strings keeping the routed experts of layers 0…N-1 in RAM."""
-    if cpu_experts <= 0:
-        return []
-    layers = "|".join(str(i) for i in range(cpu_experts))
-    return [rf"^blk\.({layers})\.{EXPERT_TENSORS}\.=CPU"]
 
 
 def _read_per_token(model: ModelInfo, tensor: TensorInfo) -> float:

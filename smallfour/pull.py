@@ -24,16 +24,12 @@ import fnmatch
 import hashlib
 import os
 import queue
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
-import typer
-
-from smallfour import store
+from smallfour import hardware, store
 from smallfour.errors import SmallfourError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -188,13 +184,14 @@ class _Bars:
     def __init__(self, progress, total: int, done: int, label: str):
         self.progress = progress
         self.lock = threading.Lock()
-        self.overall = progress.add_task(_short(label), total=total, completed=done) if progress else None
+        self.overall = (progress.add_task(_short(label), total=total, completed=done, unit="bytes")
+                        if progress else None)
 
     def file_task(self, name: str, total: int, completed: int = 0):
         if not self.progress:
             return None
         with self.lock:
-            return self.progress.add_task(_short(name), total=total, completed=completed)
+            return self.progress.add_task(_short(name), total=total, completed=completed, unit="bytes")
 
     def advance(self, task, n: int, overall: bool = True) -> None:
         if not self.progress:
@@ -440,12 +437,6 @@ def _plan(puller: Puller, files: list[RemoteFile], verify: bool) -> tuple[list[R
     return todo, to_link
 
 
-def _free_space(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
 def pull(repo_id: str, revision: str | None = None, include: list[str] | None = None, *, workers: int = 4,
          verify: bool = False, progress=None) -> PullResult:
     """Download `repo_id` at `revision` into the hub cache; see the module docstring for the steps."""
@@ -479,7 +470,7 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
     puller = Puller(repo_id, commit, _Bars(progress, total, 0, repo_id), threading.Event())
     todo, to_link = _plan(puller, selection.files, verify)
     needed = sum(f.size - _partial_size(puller, f) for f in todo)
-    free = _free_space(puller.folder)
+    free = hardware.disk_free(puller.folder)
     if needed > free:
         raise PullError(f"{repo_id}@{revision} needs {store.human_bytes(needed)} more, {store.human_bytes(free)} free "
                         f"in {store.hub_cache()}: free space or set HF_HUB_CACHE to a bigger disk")
@@ -515,46 +506,3 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
     return PullResult(repo_id, revision, commit, snapshot, selection.kind, selection.layout, files, total,
                       puller.downloaded, selection.skipped_pickles, warnings)
 
-
-# --- the command ---------------------------------------------------------------------------------------------
-
-
-def pull_command(
-    repo_id: str = typer.Argument(..., help="Hub repo id, OWNER/NAME (a checkpoint or a GGUF repo); "
-                                            "OWNER/NAME@REVISION also works."),
-    revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit to pull "
-                                                                          "(default main); the commit is recorded."),
-    include: Optional[list[str]] = typer.Option(None, "--include", "-i", help="Only files matching this glob "
-                                                "(repeatable), e.g. '*Q4_K_M*' to pick one GGUF; pickles never."),
-    workers: int = typer.Option(4, "--workers", min=1, max=32, help="Files downloaded at once."),
-    verify: bool = typer.Option(False, "--verify", help="Re-hash files already in the store and fetch again any "
-                                                        "that do not match the Hub."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object describing the pull."),
-) -> None:
-    """Download a checkpoint or a GGUF from the Hugging Face Hub into the shared hub cache, verified and resumable."""
-    import json
-
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    from smallfour.cli import err
-
-    progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=err, transient=False)
-    with progress:
-        result = pull(repo_id, revision, include, workers=workers, verify=verify, progress=progress)
-    for warning in result.warnings:
-        err.print(f"[yellow]warning[/] {warning}", highlight=False)
-    if result.skipped_pickles:
-        err.print(f"skipped pickle files: {', '.join(result.skipped_pickles)}", highlight=False)
-    err.print(f"pulled {result.repo_id}@{result.revision} (commit {result.commit[:12]}): {len(result.files)} files, "
-              f"{store.human_bytes(result.total_bytes)}, {store.human_bytes(result.downloaded_bytes)} downloaded",
-              highlight=False)
-    if as_json:
-        print(json.dumps(result.as_json(), indent=2))
-        return
-    print(result.snapshot)
-    if result.kind == "checkpoint":
-        err.print(f"next: smallfour convert {result.repo_id} -o NAME.gguf --recipe q8_0", highlight=False)
-    else:
-        err.print(f"next: smallfour run {result.repo_id} -p 'Hello'", highlight=False)

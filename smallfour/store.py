@@ -21,17 +21,17 @@ exists.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import shutil
-import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import typer
+from gguf import Keys, LlamaFileType
 
+from quant.gguf_io import read_header
+from quant.pipeline import METADATA_RECIPE
 from smallfour.errors import SmallfourError
 
 # owner/name, then optionally @revision, then optionally :variant (a GGUF quant, as in llama.cpp's -hf).
@@ -327,72 +327,21 @@ def _variant_hint(name: str) -> str:
 
 # --- GGUF metadata, read from the header alone ------------------------------------------------------------
 
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-def gguf_metadata(path: Path, wanted: tuple[str, ...] = ("general.architecture", "general.file_type", "general.name",
-                                                          "smallfour.recipe")) -> dict:
-    """The `wanted` scalar and string keys of a GGUF, reading only its key-value header."""
-    found: dict = {}
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF":
-            raise ValueError("not a GGUF file")
-        (version,) = struct.unpack_from("<I", data, 4)
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is too old")
-        _, kv_count = struct.unpack_from("<QQ", data, 8)
-        offset = 24
-
-        def string(at: int) -> tuple[str, int]:
-            (length,) = struct.unpack_from("<Q", data, at)
-            return data[at + 8: at + 8 + length].decode("utf-8", errors="replace"), at + 8 + length
-
-        def skip(kind: int, at: int) -> int:
-            if kind in _SCALARS:
-                return at + struct.calcsize("<" + _SCALARS[kind])
-            if kind == _STRING:
-                (length,) = struct.unpack_from("<Q", data, at)
-                return at + 8 + length
-            if kind == _ARRAY:
-                item, count = struct.unpack_from("<IQ", data, at)
-                at += 12
-                if item in _SCALARS:
-                    return at + count * struct.calcsize("<" + _SCALARS[item])
-                for _ in range(count):
-                    at = skip(item, at)
-                return at
-            raise ValueError(f"unknown GGUF value type {kind}")
-
-        for _ in range(kv_count):
-            key, offset = string(offset)
-            (kind,) = struct.unpack_from("<I", data, offset)
-            offset += 4
-            if key in wanted and kind in _SCALARS:
-                (found[key],) = struct.unpack_from("<" + _SCALARS[kind], data, offset)
-            elif key in wanted and kind == _STRING:
-                found[key], _ = string(offset)
-            offset = skip(kind, offset)
-            if len(found) == len(wanted):
-                break
-    return found
-
 
 def gguf_recipe(path: Path) -> str | None:
     """The recipe a GGUF was made with: smallfour's own key, else llama.cpp's `general.file_type` name."""
     try:
-        meta = gguf_metadata(path)
-    except (OSError, ValueError, struct.error):
+        fields = read_header(path).fields
+    except SmallfourError:
         return None
-    if meta.get("smallfour.recipe"):
-        return str(meta["smallfour.recipe"])
-    if "general.file_type" in meta:
-        from gguf import LlamaFileType
-
+    if fields.get(METADATA_RECIPE):
+        return str(fields[METADATA_RECIPE])
+    file_type = fields.get(Keys.General.FILE_TYPE)
+    if file_type is not None:
         try:
-            name = LlamaFileType(int(meta["general.file_type"])).name
+            name = LlamaFileType(int(file_type)).name
         except ValueError:
-            return f"file_type {meta['general.file_type']}"
+            return f"file_type {file_type}"
         return name.removeprefix("MOSTLY_").removeprefix("ALL_")
     return None
 
@@ -567,56 +516,9 @@ def remove(name: str) -> tuple[str, int]:
     return ref.repo_id, freed
 
 
-# --- commands ------------------------------------------------------------------------------------------------
-
-
 def human_bytes(n: int | float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-def models_command(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """List local models: pulled checkpoints and GGUFs (size, recipe, vision projector) and store GGUFs."""
-    from rich.table import Table
-
-    from smallfour.cli import err, out
-
-    models = list_models()
-    if as_json:
-        print(json.dumps({"hub_cache": str(hub_cache()), "store": str(gguf_dir()),
-                          "models": [m.as_json() for m in models]}, indent=2))
-        return
-    if not models:
-        err.print(f"no models yet (hub cache {hub_cache()}, store {gguf_dir()}): "
-                  "`smallfour pull OWNER/NAME` fetches one", highlight=False)
-        return
-    table = Table(title_justify="left")
-    table.add_column("name", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("recipe", no_wrap=True)
-    table.add_column("mmproj", min_width=6)
-    table.add_column("revision", no_wrap=True)
-    table.add_column("status", min_width=6)
-    for m in models:
-        revision = f"{m.revision or ''} {m.commit[:8]}".strip() if m.commit else "-"
-        mmproj = m.mmproj or ("no" if m.kind == "gguf" else "-")
-        table.add_row(m.name, m.kind, human_bytes(m.bytes), m.recipe or "-", mmproj, revision, m.status)
-    out.print(table)
-    err.print(f"hub cache: {hub_cache()}\nstore: {gguf_dir()}", highlight=False)
-
-
-def rm_command(
-    name: str = typer.Argument(..., help="What `smallfour models` lists: OWNER/NAME, OWNER/NAME@REVISION, "
-                                         "or the name of a GGUF in the store."),
-) -> None:
-    """Remove a model: a pulled repo (`owner/name`, or one revision `owner/name@rev`) or a store GGUF."""
-    from smallfour.cli import err
-
-    what, freed = remove(name)
-    err.print(f"removed {what} ({human_bytes(freed)} freed)", highlight=False)

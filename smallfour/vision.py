@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from quant.gguf_io import read_header, read_tensor
 from smallfour.errors import SmallfourError
 from smallfour.images import Geometry, PreparedImage, prepare_image
+from smallfour.model import SEQ
+
+if TYPE_CHECKING:
+    from smallfour.model import Model
 
 IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 
@@ -37,6 +44,13 @@ class Projector:
     n_embd: int
     img_break: object  # np.ndarray (n_embd,): the [IMG_BREAK] embedding, to repair libmtmd's break rows
 
+    def close(self) -> None:
+        import llama_cpp.mtmd_cpp as mtmd
+
+        if self.ctx:
+            mtmd.mtmd_free(self.ctx)
+            self.ctx = None
+
 
 @dataclass(frozen=True)
 class ImageSpan:
@@ -44,6 +58,19 @@ class ImageSpan:
 
     start: int
     image: PreparedImage
+
+    @property
+    def n_tokens(self) -> int:
+        return self.image.n_tokens
+
+    @property
+    def digest(self) -> bytes:
+        """What tells two images apart in the cache (their grids' token ids can be equal)."""
+        return hashlib.blake2b(self.image.rgb + f"{self.image.width}x{self.image.height}".encode(),
+                               digest_size=16).digest()
+
+    def decode(self, model: Model, tokens: list[int]) -> None:
+        decode_image(model, self, tokens)
 
 
 def find_mmproj(model: Path, explicit: Path | None) -> Path:
@@ -64,13 +91,8 @@ def find_mmproj(model: Path, explicit: Path | None) -> Path:
 
 
 def read_projector_header(path: Path) -> tuple[dict, set[str]]:
-    from smallfour.plan import read_gguf_header
-
-    with open(path, "rb") as file:
-        if file.read(4) != b"GGUF":
-            raise SmallfourError(f"mmproj {path} is not a GGUF file")
-    fields, tensors = read_gguf_header(path)
-    return fields, {name for name, _, _ in tensors}
+    header = read_header(path, what="mmproj")
+    return header.fields, {tensor.name for tensor in header.tensors}
 
 
 def check_projector(path: Path, n_embd: int) -> Geometry:
@@ -93,47 +115,41 @@ def check_projector(path: Path, n_embd: int) -> Geometry:
                     max_image_size=int(fields["clip.vision.image_size"]))
 
 
-def open_projector(llm, path: Path, *, n_threads: int | None = None, use_gpu: bool = True) -> Projector:
-    """libmtmd context for `llm` from the mmproj at `path`; freed with the model."""
+def open_projector(model: Model, path: Path, *, n_threads: int | None = None, use_gpu: bool = True) -> Projector:
+    """libmtmd context for `model` from the mmproj at `path` (freed with the model)."""
     import llama_cpp.mtmd_cpp as mtmd
 
-    from smallfour import runtime
+    from smallfour.model import llama_log_callback
 
     path = Path(path)
-    n_embd = llm.n_embd()
-    geometry = check_projector(path, n_embd)
+    geometry = check_projector(path, model.n_embd)
     # libmtmd logs on its own channel; send it through the same -v switch as llama.cpp's.
-    runtime._install_log_callback()
-    mtmd.mtmd_log_set(runtime._log_callback, ctypes.c_void_p(0))
-    mtmd.mtmd_helper_log_set(runtime._log_callback, ctypes.c_void_p(0))
+    callback = llama_log_callback()
+    mtmd.mtmd_log_set(callback, ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
     params = mtmd.mtmd_context_params_default()
     params.use_gpu = use_gpu
     params.print_timings = False
-    params.n_threads = n_threads or llm.n_threads or 1
+    params.n_threads = n_threads or os.cpu_count() or 1
     params.warmup = False  # a warm-up at the maximum image size would cost seconds for nothing
     # Every size mistral-common allows, unchanged: libmtmd's own pixtral limits (8 to 1024
     # tokens) would resize images again and change the token count.
     max_side = geometry.max_image_size // geometry.token_pixels
     params.image_min_tokens = 1
     params.image_max_tokens = max_side * max_side
-    ctx = mtmd.mtmd_init_from_file(str(path).encode(), llm.model, params)
+    ctx = mtmd.mtmd_init_from_file(str(path).encode(), model.model_pointer, params)
     if not ctx:
         raise SmallfourError(f"llama.cpp could not load the vision projector {path.name} (run with -v for its log)")
     if not mtmd.mtmd_support_vision(ctx):
         mtmd.mtmd_free(ctx)
         raise SmallfourError(f"{path.name} has no vision encoder")
-    llm._stack.callback(mtmd.mtmd_free, ctx)
-    return Projector(path, ctx, geometry, n_embd, _read_img_break(path))
+    return Projector(path, ctx, geometry, model.n_embd, _read_img_break(path))
 
 
 def _read_img_break(path: Path):
-    import gguf
     import numpy as np
 
-    for tensor in gguf.GGUFReader(path).tensors:
-        if tensor.name == "v.token_embd.img_break":
-            return np.array(tensor.data, dtype=np.float32).reshape(-1)
-    raise SmallfourError(f"{path.name} lacks v.token_embd.img_break")
+    return np.asarray(read_tensor(read_header(path), "v.token_embd.img_break"), dtype=np.float32).reshape(-1)
 
 
 def image_ids(control: dict[str, int]) -> tuple[int, int, int]:
@@ -201,7 +217,7 @@ def _chunks_for(projector: Projector, image: PreparedImage):
 def encode_image(projector: Projector, image: PreparedImage):
     """The embeddings libmtmd computes for one image (rows: grid cells with [IMG_BREAK] rows between).
 
-    For tests and inspection; prompts go through `eval_prompt`.
+    For tests and inspection; prompts go through `Model.prefill`.
     """
     import llama_cpp.mtmd_cpp as mtmd
 
@@ -242,71 +258,15 @@ def _encode_chunk(projector: Projector, chunk, image: PreparedImage):
     return embd
 
 
-def _digest(image: PreparedImage) -> bytes:
-    return hashlib.blake2b(image.rgb + f"{image.width}x{image.height}".encode(), digest_size=16).digest()
+def decode_image(model: Model, span: ImageSpan, tokens: list[int]) -> None:
+    """One image's chunks into `model`'s cache at its end: the embeddings, then `[IMG_END]`.
 
-
-def _reusable_prefix(llm, tokens: list[int], spans: list[ImageSpan], digests: list[bytes]) -> int:
-    """How much of what `llm` already holds this prompt can keep.
-
-    Token ids alone cannot tell two images with the same grid apart, so an image's positions
-    count as cached only if the same pixels were evaluated at the same place.
+    The positions get the grid's token ids (`tokens[span.start:…]`) in `model.tokens`.
     """
-    held = llm.input_ids[:llm.n_tokens]
-    keep = 0
-    for a, b in zip(held, tokens):
-        if a != b:
-            break
-        keep += 1
-    # The last token is evaluated again so the logits are the prompt's, not a previous reply's.
-    keep = min(keep, len(tokens) - 1)
-    now = {(span.start, span.image.n_tokens, digest) for span, digest in zip(spans, digests, strict=True)}
-    for entry in getattr(llm, "_smallfour_images", []):
-        if entry[0] < keep and entry not in now:
-            keep = min(keep, entry[0])
-    for span in spans:
-        if span.start < keep < span.start + span.image.n_tokens:
-            keep = span.start
-    return keep
-
-
-def eval_prompt(llm, projector: Projector, tokens: list[int], spans: list[ImageSpan]) -> None:
-    """Evaluate `tokens` into `llm` with each span's positions taken from libmtmd's image embeddings.
-
-    Afterwards `llm.input_ids[:len(tokens)] == tokens`, so `llm.generate(tokens)` finds the whole
-    prompt cached. What an earlier turn left in the KV cache is reused up to the first change.
-    """
-    if len(tokens) >= llm.n_ctx():
-        raise SmallfourError(f"prompt is {len(tokens)} tokens with its images, the context holds {llm.n_ctx()} "
-                             "(raise --ctx or give fewer or smaller images)")
-    digests = [_digest(span.image) for span in spans]
-    keep = _reusable_prefix(llm, tokens, spans, digests)
-    llm._smallfour_reused = keep  # for chat's /stats: the generic probe sees only the first eval
-    llm._ctx.kv_cache_seq_rm(-1, keep, -1)
-    llm.n_tokens = keep
-    llm._smallfour_images = [entry for entry in getattr(llm, "_smallfour_images", []) if entry[0] < keep]
-    position = keep
-    for span, digest in zip(spans, digests, strict=True):
-        end = span.start + span.image.n_tokens
-        if end <= keep:
-            continue
-        if span.start > position:
-            llm.eval(tokens[position:span.start])
-        _eval_image(llm, projector, span, tokens)
-        position = end
-        if llm.n_tokens != position or list(llm.input_ids[span.start:position]) != tokens[span.start:position]:
-            raise SmallfourError(f"internal error: libmtmd laid image {span.image.label} out over "
-                                 f"{llm.n_tokens - span.start} positions, mistral-common over {span.image.n_tokens}")
-        llm._smallfour_images.append((span.start, span.image.n_tokens, digest))
-    if position < len(tokens):
-        llm.eval(tokens[position:])
-
-
-def _eval_image(llm, projector: Projector, span: ImageSpan, tokens: list[int]) -> None:
-    """One image's chunks into the context at `llm.n_tokens`: the embeddings, then `[IMG_END]`."""
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
 
+    projector = projector_of(model)
     chunks = _chunks_for(projector, span.image)
     try:
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
@@ -316,24 +276,20 @@ def _eval_image(llm, projector: Projector, span: ImageSpan, tokens: list[int]) -
                 pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                 text = [pointer[j] for j in range(count.value)]
                 if text:
-                    llm.eval(text)
+                    model.decode(text)
                 continue
-            start = llm.n_tokens
-            if start + mtmd.mtmd_input_chunk_get_n_tokens(chunk) >= llm.n_ctx():
-                raise SmallfourError(f"image {span.image.label} does not fit in the context ({llm.n_ctx()} tokens)")
+            start = len(model.tokens)
+            if start + mtmd.mtmd_input_chunk_get_n_tokens(chunk) >= model.n_ctx:
+                raise SmallfourError(f"image {span.image.label} does not fit in the context ({model.n_ctx} tokens)")
             embd = _encode_chunk(projector, chunk, span.image)
             new_n_past = llama_cpp.llama_pos(0)
             result = mtmd.mtmd_helper_decode_image_chunk(
-                projector.ctx, llm._ctx.ctx, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                llama_cpp.llama_pos(start), llama_cpp.llama_seq_id(0), llm.n_batch, ctypes.byref(new_n_past),
+                projector.ctx, model.context, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                llama_cpp.llama_pos(start), llama_cpp.llama_seq_id(SEQ), model.n_batch, ctypes.byref(new_n_past),
                 ctypes.cast(None, mtmd.mtmd_helper_post_decode_callback), None)
             if result != 0:
                 raise SmallfourError(f"llama.cpp could not evaluate image {span.image.label} (error {result})")
-            end = new_n_past.value
-            llm.input_ids[start:end] = tokens[start:end]
-            llm.n_tokens = end
-            # The logits now belong to no token: generate() must not sample from them.
-            llm._requires_eval = True
+            model.extend_after_image(tokens[start:new_n_past.value])
     finally:
         mtmd.mtmd_input_chunks_free(chunks)
 
@@ -370,38 +326,33 @@ def with_images(text: str, sources: list[str]) -> str | list[dict]:
     return [*({"type": "image_url", "image_url": {"url": s}} for s in sources), {"type": "text", "text": text}]
 
 
-def attach_projector(llm, projector: Projector | None = None, *, error: str | None = None) -> None:
-    """Give `llm` its projector, or the reason it has none (reported when an image needs one)."""
-    llm._smallfour_projector = projector
-    llm._smallfour_projector_error = error
+def attach_projector(model: Model, projector: Projector | None = None, *, error: str | None = None) -> None:
+    """Give `model` its projector, or the reason it has none (reported when an image needs one)."""
+    if model.projector is not None and model.projector is not projector:
+        model.projector.close()
+    model.projector, model.projector_error = projector, error
 
 
-def projector_of(llm) -> Projector:
-    projector = getattr(llm, "_smallfour_projector", None)
-    if projector is None:
-        raise SmallfourError(getattr(llm, "_smallfour_projector_error", None)
+def projector_of(model: Model) -> Projector:
+    if model.projector is None:
+        raise SmallfourError(model.projector_error
                              or "images need a vision projector (mmproj); none is loaded (give --mmproj PATH)")
-    return projector
+    return model.projector
 
 
-def expand_request(llm, messages: list[dict], tokens: list[int]) -> tuple[list[int], list[ImageSpan]]:
+def expand_request(model: Model, messages: list[dict], tokens: list[int]) -> tuple[list[int], list[ImageSpan]]:
     """Prompt tokens with every image's grid in place of its [IMG], and where each image went."""
     sources = image_sources(messages)
     if not sources:
         return tokens, []
-    from smallfour.runtime import control_tokens
-
-    projector = getattr(llm, "_smallfour_projector", None)
+    projector = model.projector
     images = prepare_all(sources, projector.geometry if projector is not None else None)
-    return expand_images(tokens, images, image_ids(control_tokens(llm)))
+    return expand_images(tokens, images, image_ids(model.control_tokens))
 
 
 def model_width(model: Path) -> int:
     """The model's embedding width, from its GGUF header (nothing loaded)."""
-    from smallfour.plan import read_gguf_header
-
-    fields, _ = read_gguf_header(Path(model))
-    return int(fields[f"{fields['general.architecture']}.embedding_length"])
+    return int(read_header(Path(model)).arch_field("embedding_length"))
 
 
 def check_images(model: Path, messages: list[dict], mmproj: Path | None) -> Path | None:

@@ -1,8 +1,10 @@
-"""Session-wide fixtures: tiny checkpoints (cached on disk by content hash) and their GGUFs."""
+"""Shared fixtures: tiny checkpoints (cached on disk by content hash), their GGUFs, the hub stub, a tmux terminal."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,25 @@ def env(tmp_path, hub):
     from hub_stub import smallfour_env
 
     return smallfour_env(tmp_path, hub)
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    """`terminal(*chat_args)` → a tmux pane running `smallfour chat` (tests/helpers.py: Terminal)."""
+    from helpers import Terminal
+
+    opened: list[Terminal] = []
+    env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
+    env.update(LANG="C.UTF-8", LC_ALL="C.UTF-8", SMALLFOUR_HOME=str(tmp_path / "home"))
+
+    def start(*args: str) -> Terminal:
+        chat = shlex.join([sys.executable, "-m", "smallfour", "chat", *map(str, args)])
+        # The shell reports the REPL's exit status, then keeps the pane open for capture-pane.
+        command = f"{chat}; echo \"[exited $?]\"; sleep 600"
+        term = Terminal(f"smallfour-test-{os.getpid()}-{len(opened)}", command, env)
+        opened.append(term)
+        return term
+
+    yield start
+    for term in opened:
+        term.close()

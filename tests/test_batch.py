@@ -18,8 +18,8 @@ from conftest import HF
 from smallfour.batch import BatchOutput, LineError, parse_jobs, pending_jobs, request_from_body
 from smallfour.errors import SmallfourError
 from smallfour.generate import PRESETS, prompt_tokens
-from smallfour.runtime import load_model
-from test_convert_errors import SMALLFOUR, assert_one_line_error, run_cli
+from smallfour.model import Model
+from helpers import SMALLFOUR, assert_one_line_error, run_cli
 
 URL = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -157,7 +157,7 @@ def test_resume_drops_a_line_cut_short(tmp_path):
 
 
 def test_reasoning_effort_reaches_the_prompt(converted, tokenizer):
-    llm = load_model(converted(HF, "q8_0"), n_ctx=512)
+    llm = Model.load(converted(HF, "q8_0"), vocab_only=True)
     for effort in (None, "none", "high"):
         body = {"messages": HELLO} | ({"reasoning_effort": effort} if effort else {})
         request, _ = request_from_body(body)

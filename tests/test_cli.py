@@ -13,7 +13,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import DENSE_SHARED, HF, NATIVE
-from test_convert_errors import SMALLFOUR, assert_one_line_error, run_cli
+from helpers import SMALLFOUR, assert_one_line_error, run_cli
 
 
 def test_inspect_json_groups_tensors_by_role(converted):

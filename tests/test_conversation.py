@@ -10,8 +10,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import HF
 from smallfour.generate import complete, interpret, prompt_tokens, resolve_request
-from smallfour.runtime import control_tokens, load_model
-from test_convert_errors import run_cli
+from smallfour.model import Model
+from helpers import run_cli
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",
@@ -39,7 +39,8 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def llm(converted):
-    return load_model(converted(HF, "q8_0"), n_ctx=1024)
+    with Model.load(converted(HF, "q8_0"), n_ctx=1024) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_cli_dry_run_with_messages_file(tmp_path, converted, reference):
 
 
 def crafted(llm, text: str) -> list[int]:
-    return llm.tokenize(text.encode(), add_bos=False, special=True)
+    return llm.tokenize(text, special=True)
 
 
 def test_tool_calls_are_parsed(llm):
@@ -104,10 +105,10 @@ def test_tool_call_text_without_tools_stays_text(llm):
 
 @pytest.mark.parametrize("budget", [1, 6])
 def test_think_budget_closes_the_thought(llm, budget):
-    control = control_tokens(llm)
+    control = llm.control_tokens
     think, close = control["[THINK]"], control["[/THINK]"]
     # A model that always wants to (re)open its thought and can neither close it nor stop.
-    bias = {think: 100.0, close: -100.0, llm.token_eos(): -100.0}
+    bias = {think: 100.0, close: -100.0, control["</s>"]: -100.0}
     request = resolve_request([{"role": "user", "content": "Think."}], effort="high", think_budget=budget,
                               logit_bias=bias, max_tokens=budget + 8, temperature=0.0)
     result = complete(llm, request)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import DENSE_SHARED, FP8_BLOCK, FP8_EXPERT, FP8_TENSOR, HF, NATIVE, NATIVE_FP8, SHORT_ROPE
 from reference import reference_logits, reference_model
-from smallfour.runtime import load_model
+from smallfour.model import Model
 
 F32_TOLERANCE = 1e-3
 
@@ -29,13 +29,8 @@ def fresh_tokens(n: int, count: int = 2) -> tuple[int, list[list[int]]]:
 
 
 def llama_logits(gguf_path, sequences: list[list[int]]) -> list[np.ndarray]:
-    llm = load_model(gguf_path, n_ctx=256, logits_all=True, kv_type="f32")
-    out = []
-    for tokens in sequences:
-        llm.reset()
-        llm.eval(tokens)
-        out.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
-    return out
+    with Model.load(gguf_path, n_ctx=256, kv_type="f32") as model:
+        return [model.evaluate(tokens) for tokens in sequences]
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
@@ -78,12 +73,12 @@ def test_greedy_generation_agrees(checkpoint, converted, tmp_path_factory):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, eos_token_id=None, pad_token_id=11)
     ref_tokens = ref.sequences[0, len(prompt):].tolist()
-    llm = load_model(converted(HF, "f32"), n_ctx=256, kv_type="f32")
     got_tokens = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-        got_tokens.append(token)
-        if len(got_tokens) == 32:
-            break
+    with Model.load(converted(HF, "f32"), n_ctx=256, kv_type="f32") as model:
+        model.decode(prompt)
+        while len(got_tokens) < 32:
+            got_tokens.append(int(model.logits().argmax()))
+            model.decode(got_tokens[-1:])
     for step, (want, got) in enumerate(zip(ref_tokens, got_tokens)):
         if want != got:
             top2 = torch.topk(ref.logits[step][0], 2).values

@@ -268,7 +268,7 @@ def calibration(tmp_path_factory):
 
 def test_collected_statistics_match_transformers(converted, checkpoint, calibration, tmp_path, tmp_path_factory):
     from reference import reference_model
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
     spec = HF
     gguf = converted(spec, "f32")
@@ -278,9 +278,9 @@ def test_collected_statistics_match_transformers(converted, checkpoint, calibrat
     info = read_imatrix(report.output)
     assert (info.chunk_count, info.chunk_size, info.datasets) == (3, n_ctx, [str(calibration)])
     # The chunks as llama.cpp saw them: the text's tokens, <s> first in every chunk.
-    llm = load_model(gguf, n_ctx=n_ctx)
-    tokens = llm.tokenize(calibration.read_text().encode(), add_bos=True, special=False)
-    chunks = [[llm.token_bos(), *tokens[i * n_ctx + 1:(i + 1) * n_ctx]] for i in range(3)]
+    with Model.load(gguf, n_ctx=n_ctx, vocab_only=True) as llm:
+        tokens = llm.tokenize(calibration.read_text(), add_bos=True)
+        chunks = [[llm.bos, *tokens[i * n_ctx + 1:(i + 1) * n_ctx]] for i in range(3)]
     ref_sums, ref_counts = reference_statistics(reference_model(checkpoint(spec), tmp_path_factory.getbasetemp()),
                                                 chunks, spec)
     expected_names = set(ref_sums) | {f"blk.{i}.attn_v_b.weight" for i in range(spec.n_layers)}
@@ -305,7 +305,7 @@ def test_collected_statistics_match_transformers(converted, checkpoint, calibrat
 def test_llama_cpp_quantizer_uses_the_imatrix_per_expert(converted, tmp_path):
     """llama-quantize's path with our importances == our quantizer with importance_rows, slice by slice."""
     from quant.ggml import quantize
-    from quant.llamacpp import llama_quantize
+    from llamacpp import llama_quantize
 
     seed, rng = fresh_rng()
     gguf = converted(HF, "f32")
@@ -346,7 +346,7 @@ def test_llama_cpp_quantizer_uses_the_imatrix_per_expert(converted, tmp_path):
 
 
 def test_cli_writes_an_imatrix_and_refuses_bad_input(converted, calibration, tmp_path):
-    from test_convert_errors import assert_one_line_error, run_cli
+    from helpers import assert_one_line_error, run_cli
 
     gguf = converted(HF, "f32")
     out = tmp_path / "cli.imatrix.gguf"

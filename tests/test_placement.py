@@ -10,7 +10,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from conftest import DENSE_SHARED, HF
-from test_convert_errors import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli
 
 OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 
@@ -44,6 +44,34 @@ def test_first_n_layers_experts(converted):
     # Layer 0 is dense: the first two layers hold only layer 1's experts.
     assert set(overridden(model, "--cpu-experts", "2")) == expert_tensors(model, layers={1})
     assert set(overridden(model, "--cpu-experts", "3")) == expert_tensors(model)
+
+
+@pytest.mark.parametrize("cpu_experts", [1, 2, 10, 19, 35])
+def test_cpu_experts_pins_exactly_what_the_planner_counts(cpu_experts):
+    """`--cpu-experts N` matches the expert tensors of layers 0…N-1 and no others (blk.1 never matches blk.1x)."""
+    from smallfour.placement import expert_overrides
+    from smallfour.inventory import real_model
+    from smallfour.plan import CPU, Layout
+
+    model = real_model("q8_0")
+    (pattern, device), = expert_overrides(str(cpu_experts), model.n_layers)
+    layout = Layout(gpu_start=0, cpu_experts=cpu_experts, layers_per_gpu=(model.n_layers + 1,))
+    in_ram = {t.name for t in model.tensors if t.role == "routed_experts" and layout.device_of(t, model.n_layers) == CPU}
+    assert {t.name for t in model.tensors if re.search(pattern, t.name)} == in_ram  # llama.cpp uses regex_search
+    assert device == "CPU" and len(in_ram) == 2 * cpu_experts
+
+
+def test_planned_override_moves_the_bytes_the_plan_puts_in_ram():
+    from smallfour.hardware import profile
+    from smallfour.inventory import real_model
+    from smallfour.plan import Settings, plan
+
+    model = real_model("q8_0")
+    p = plan(model, profile("24GB+128GB"), Settings(n_ctx=32768))
+    (override,) = p.llama_params["override_tensor"]
+    pattern, _, device = override.rpartition("=")
+    pinned = sum(t.nbytes for t in model.tensors if re.search(pattern, t.name))
+    assert device == "CPU" and p.layout.cpu_experts and pinned == p.devices[-1].weights["routed_experts"]
 
 
 def test_power_user_override(converted):
@@ -127,8 +155,8 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(tmp_path, command):
 
 def test_force_loads_past_the_planner(converted):
     from smallfour.errors import SmallfourError
-    from smallfour.options import placement_for
-    from smallfour.plan import Device, Hardware
+    from smallfour.placing import placement_for
+    from smallfour.hardware import Device, Hardware
 
     tiny = Hardware("tiny", (), Device("CPU RAM 1 MiB", "cpu", 1 << 20, 50e9))
     flags = dict(n_ctx=256, kv_type="f16", cpu_experts="none", override_tensor=None, gpu_layers=-1, gpus=None,
@@ -142,7 +170,7 @@ def test_force_loads_past_the_planner(converted):
 def test_quantized_kv_cache_needs_flash_attention(converted):
     from smallfour.errors import SmallfourError
     from smallfour.placement import Placement
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
     with pytest.raises(SmallfourError, match="needs --flash-attn"):
-        load_model(converted(HF, "q8_0"), kv_type="q8_0", placement=Placement(flash_attn=False))
+        Model.load(converted(HF, "q8_0"), kv_type="q8_0", placement=Placement(flash_attn=False))

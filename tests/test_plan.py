@@ -14,10 +14,13 @@ import pytest
 from gguf import GGUFReader
 
 from conftest import DENSE_SHARED, HF, NATIVE
-from smallfour import plan as planner
-from smallfour.plan import (GB, GiB, PROFILES, Settings, detect_hardware, kv_bytes_per_token, load_config,
-                            model_from_config, model_from_gguf, plan, plan_for_load, profile, real_model)
-from test_convert_errors import assert_one_line_error, run_cli
+from smallfour import hardware as hw
+from smallfour import inventory
+from smallfour.hardware import PROFILES, GiB, detect_hardware, profile
+from smallfour.inventory import load_config, model_from_config, model_from_gguf, real_model
+from smallfour.plan import (GB, GPU_RUNTIME_BYTES, MMPROJ_ESTIMATE_BYTES, VISION_COMPUTE_BYTES, Settings,
+                            compute_bytes, kv_bytes_per_token, plan, plan_for_load)
+from helpers import assert_one_line_error, run_cli
 
 REFERENCE_CTX = 262144  # the 256K context Mistral serves
 # The brief's sizes are decimal: BF16 ≈238 GB is 119e9 parameters × 2 bytes.
@@ -39,12 +42,12 @@ def test_every_gguf_byte_is_placed_exactly_once(converted, spec):
     assert sum(model.bytes_by_role().values()) == model.weights_bytes
     # GPUs from too small for anything to roomy: all on CPU, experts of the first layers in RAM, all on GPU.
     settings = Settings(n_ctx=4096)
-    fixed = planner.GPU_RUNTIME_BYTES + planner.compute_bytes(model, settings, holds_output=True)
+    fixed = GPU_RUNTIME_BYTES + compute_bytes(model, settings, holds_output=True)
     expert_layer = sum(t.nbytes for t in model.tensors if t.role == "routed_experts") // spec.n_layers
     layouts = set()
     for extra in range(0, model.weights_bytes, expert_layer // 2):
-        gpu = planner.Device("GPU0", "gpu", int((fixed + extra) / (1 - planner.GPU_HEADROOM)), 1e12)
-        p = plan(model, planner.Hardware("test", (gpu,), PROFILES["cpu-96GB"].ram), settings)
+        gpu = hw.Device("GPU0", "gpu", int((fixed + extra) / (1 - hw.GPU_HEADROOM)), 1e12)
+        p = plan(model, hw.Hardware("test", (gpu,), PROFILES["cpu-96GB"].ram), settings)
         assert _weights_on_devices(p) == model.weights_bytes
         assert p.devices[0].fits
         layouts.add((p.layout.gpu_start, p.layout.cpu_experts))
@@ -86,13 +89,13 @@ def _load_in_llama_cpp(path, n_ctx: int, kv_type: str) -> tuple[str, int, int]:
     """llama.cpp's log of loading `path`, and its own count of weight bytes and parameters."""
     import llama_cpp
 
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
     # The runtime routes llama.cpp's log through Python's sys.stderr when verbose.
     captured = io.StringIO()
     with contextlib.redirect_stderr(captured):
-        llm = load_model(path, n_ctx=n_ctx, verbose=True, kv_type=kv_type)
-        size, params = llama_cpp.llama_model_size(llm.model), llama_cpp.llama_model_n_params(llm.model)
+        llm = Model.load(path, n_ctx=n_ctx, verbose=True, kv_type=kv_type)
+        size, params = llama_cpp.llama_model_size(llm.model_pointer), llama_cpp.llama_model_n_params(llm.model_pointer)
         llm.close()
     return captured.getvalue(), size, params
 
@@ -189,13 +192,13 @@ def test_decode_estimate_reads_active_experts_only():
 def _apply(suggestion: str, model, settings, hardware):
     flag, value = suggestion.split()[:2]
     if flag == "--recipe":
-        return planner.retyped(model, value), settings, hardware
+        return inventory.retyped(model, value), settings, hardware
     if flag == "--ctx":
         return model, replace(settings, n_ctx=int(value)), hardware
     if flag == "--kv-type":
         return model, replace(settings, kv_type=value), hardware
     assert flag == "--ram", suggestion
-    return model, settings, planner.hardware_from_specs([], value, hardware)
+    return model, settings, hw.hardware_from_specs([], value, hardware)
 
 
 @pytest.mark.parametrize("name,recipe,n_ctx,first_change", [
@@ -233,12 +236,22 @@ def test_detect_hardware_reads_this_machine():
     assert 0 < hardware.ram.capacity_bytes <= mem_total
 
 
+def test_machine_probes(tmp_path):
+    import os
+    import shutil
+
+    assert 1 <= hw.physical_cores() <= os.cpu_count()
+    assert 0 < hw.mem_available() == hw.memory().available <= hw.memory().total
+    not_yet = tmp_path / "a" / "b.gguf"  # where a download would go: its nearest existing folder counts
+    assert abs(hw.disk_free(not_yet) - shutil.disk_usage(tmp_path).free) < 0.05 * shutil.disk_usage(tmp_path).total
+
+
 def test_hardware_specs_parse():
-    assert planner.parse_gpu("h100", 0).capacity_bytes == 81559 * 2**20
-    gpu = planner.parse_gpu("24GB@936GB/s", 1)
+    assert hw.parse_gpu("h100", 0).capacity_bytes == 81559 * 2**20
+    gpu = hw.parse_gpu("24GB@936GB/s", 1)
     assert gpu.capacity_bytes == 24 * GiB and gpu.bandwidth == 936e9 and gpu.name.startswith("GPU1")
-    assert planner.parse_ram("256GB@300GB/s").bandwidth == 300e9
-    edited = planner.hardware_from_specs(["h200", "h200"], None, profile("cpu-96GB"))
+    assert hw.parse_ram("256GB@300GB/s").bandwidth == 300e9
+    edited = hw.hardware_from_specs(["h200", "h200"], None, profile("cpu-96GB"))
     assert len(edited.gpus) == 2 and edited.ram == profile("cpu-96GB").ram
 
 
@@ -263,7 +276,7 @@ def test_cli_json_schema_for_the_reference():
 
 def test_cli_not_fitting_exits_3_with_a_change(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(planner.real_hf_config()))
+    config.write_text(json.dumps(inventory.real_hf_config()))
     result = run_cli("plan", "--config", config, "--recipe", "bf16", "--profile", "cpu-96GB", "--json")
     assert result.returncode == 3, result.stderr
     info = json.loads(result.stdout)
@@ -292,9 +305,9 @@ def test_cli_help_lists_every_profile_and_errors_are_one_line():
 
 
 def test_the_vision_projector_is_counted_where_libmtmd_loads_it():
-    model, mmproj = real_model("q8_0"), planner.MMPROJ_ESTIMATE_BYTES
+    model, mmproj = real_model("q8_0"), MMPROJ_ESTIMATE_BYTES
     with_gpu = plan(model, profile("4xH100"), Settings(mmproj_bytes=mmproj))
-    assert with_gpu.devices[0].other["mmproj (vision)"] == mmproj + planner.VISION_COMPUTE_BYTES
+    assert with_gpu.devices[0].other["mmproj (vision)"] == mmproj + VISION_COMPUTE_BYTES
     assert all("mmproj (vision)" not in d.other for d in with_gpu.devices[1:])
     cpu_only = plan(model, profile("cpu-96GB"), Settings(mmproj_bytes=mmproj), suggest=False)
-    assert cpu_only.devices[-1].other["mmproj (vision)"] == mmproj + planner.VISION_COMPUTE_BYTES
+    assert cpu_only.devices[-1].other["mmproj (vision)"] == mmproj + VISION_COMPUTE_BYTES

@@ -263,9 +263,9 @@ def test_convert_accepts_a_pulled_repo_id(hub, env, fixture_files, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "hf layout" in result.stderr
     assert out.read_bytes()[:4] == b"GGUF"
-    from smallfour.plan import read_gguf_header
+    from quant.gguf_io import read_header
 
-    assert read_gguf_header(out)[0]["general.name"] == REPO.split("/")[1]  # the repo, not the snapshot's commit
+    assert read_header(out).fields["general.name"] == REPO.split("/")[1]  # the repo, not the snapshot's commit
 
 
 def test_hub_errors_are_one_line(hub, env, tmp_path):

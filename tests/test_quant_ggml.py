@@ -15,8 +15,8 @@ import pytest
 
 from quant import ggml
 from quant.fit import RELATIVE_RMSE
-from quant.gguf_io import read_table
-from quant.llamacpp import llama_quantize
+from quant.gguf_io import read_header, read_tensor
+from llamacpp import llama_quantize
 from quant.pipeline import bits_per_weight
 from quant.recipes import compatible
 from quant_fixtures import KQUANT
@@ -38,7 +38,7 @@ def f32_gguf(converted):
 def _importance_for(path, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random positive importance for every quantizable matrix but the embeddings and output."""
     out = {}
-    for t in read_table(path).tensors:
+    for t in read_header(path).tensors:
         if len(t.shape) < 2 or t.name in ("token_embd.weight", "output.weight") or "ffn_gate_inp" in t.name:
             continue
         values = rng.gamma(0.5, 1.0, size=(t.shape[0] if len(t.shape) == 3 else 1, t.shape[-1])).astype(np.float32)
@@ -50,14 +50,13 @@ def _compare_with_llama(f32_gguf, tmp_path, qtype, importance):
     out = tmp_path / f"{qtype.name}.gguf"
     llama_quantize(f32_gguf, out, qtype, importance=importance, threads=2, embeddings_type=T.Q8_0,
                    output_type=T.Q8_0)
-    source = read_table(f32_gguf)
-    by_name = {t.name: t for t in source.tensors}
-    result = read_table(out)
+    source = read_header(f32_gguf)
+    result = read_header(out)
     compared = 0
     for ref in result.tensors:
         if ref.name in ("token_embd.weight", "output.weight") or ref.qtype == T.F32:
             continue
-        values = np.asarray(source.array(by_name[ref.name]), dtype=np.float32)
+        values = np.asarray(read_tensor(source, ref.name), dtype=np.float32)
         expected = compatible(qtype, values.shape)
         assert ref.qtype == expected.qtype, f"{ref.name}: llama.cpp chose {ref.qtype.name}"
         imp = importance.get(ref.name) if importance else None
@@ -65,7 +64,7 @@ def _compare_with_llama(f32_gguf, tmp_path, qtype, importance):
             ours = np.stack([ggml.quantize(values[j], expected.qtype, imp[j]) for j in range(values.shape[0])])
         else:
             ours = ggml.quantize(values.reshape(-1, values.shape[-1]), expected.qtype, imp)
-        assert np.array_equal(ours.reshape(-1), np.asarray(result.array(ref)).reshape(-1)), f"{ref.name} differs"
+        assert np.array_equal(ours.reshape(-1), np.asarray(read_tensor(result, ref.name)).reshape(-1)), f"{ref.name} differs"
         compared += 1
     return compared
 

@@ -14,20 +14,21 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from typer.testing import CliRunner
 
-from convert.errors import ConversionError
+from convert.requantize import requantize
 from convert.writer import convert_checkpoint
 from quant import ggml
-from quant.gguf_io import read_table
-from quant.requantize import requantize
+from quant.errors import SmallfourError
+from quant.gguf_io import read_header, read_tensor
 from quant_fixtures import KQUANT, KQUANT_FP8
 from smallfour.cli import app
-from smallfour.runtime import load_model
+from smallfour.generate import ChatRequest, Sampling, continue_tokens
+from smallfour.model import Model
 
 
 def same_tensors(a, b) -> bool:
-    ta, tb = read_table(a), read_table(b)
+    ta, tb = read_header(a), read_header(b)
     return [(t.name, t.qtype) for t in ta.tensors] == [(t.name, t.qtype) for t in tb.tensors] and all(
-        np.array_equal(ta.array(x), tb.array(y)) for x, y in zip(ta.tensors, tb.tensors))
+        np.array_equal(read_tensor(ta, x.name), read_tensor(tb, y.name)) for x, y in zip(ta.tensors, tb.tensors))
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,8 @@ def quantized(tmp_path_factory, checkpoint):
 
 
 def logits(path, tokens):
-    llm = load_model(path, n_ctx=128, logits_all=True, kv_type="f32")
-    llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)], dtype=np.float32), llm
+    model = Model.load(path, n_ctx=128, kv_type="f32")
+    return model.evaluate(tokens), model
 
 
 def test_one_pass_equals_convert_then_quantize(quantized, converted, tmp_path):
@@ -77,8 +77,9 @@ def test_presets_load_generate_and_order_by_error(quantized, converted):
         errors[recipe] = float(np.sqrt(np.mean(diff ** 2) / np.mean(centered ** 2)))
         top1[recipe] = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
         # A random network may pick </s> (id 2) at any step: keep it from ending the generation early.
-        out = llm.create_completion(tokens[:8], max_tokens=6, temperature=0.0, logit_bias={2: -100.0})
-        assert out["usage"]["completion_tokens"] == 6, recipe
+        greedy = Sampling(temperature=0.0, max_tokens=6, logit_bias={2: -100.0})
+        with llm:
+            assert continue_tokens(llm, tokens[:8], ChatRequest([], sampling=greedy)).completion_tokens == 6, recipe
     assert errors["sf-q6"] < errors["sf-q4"] < errors["sf-q2"], f"seed {seed}: {errors}"
     # A random (untrained) network amplifies rounding through its layers; measured over seeds:
     # sf-q6 ≈ 0.05, sf-q4 ≈ 0.17, sf-q2 ≈ 0.36; the same top token ≈ 90 % / 70 % / 40 % of positions.
@@ -91,7 +92,7 @@ def test_imatrix_drives_each_experts_quantization(quantized, converted, tmp_path
 
     seed = int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
-    f32 = read_table(converted(KQUANT, "f32"))
+    f32 = read_header(converted(KQUANT, "f32"))
     sums, counts = {}, {}
     for t in f32.tensors:
         if len(t.shape) >= 2 and t.name not in ("token_embd.weight", "output.weight") and "gate_inp" not in t.name:
@@ -99,18 +100,17 @@ def test_imatrix_drives_each_experts_quantization(quantized, converted, tmp_path
             sums[t.name] = rng.gamma(0.5, 1.0, (n_mat, t.shape[-1])).astype(np.float32) * 50
             counts[t.name] = rng.integers(10, 100, n_mat)
     path = save_imatrix(tmp_path / "imatrix.gguf", sums, counts, ["random"], chunk_size=64)
-    with pytest.raises(ConversionError, match=r"need an imatrix \(--imatrix FILE\)"):
+    with pytest.raises(SmallfourError, match=r"need an imatrix \(--imatrix FILE\)"):
         quantized("sf-iq2")
     out = quantized("sf-iq2", imatrix=path)
     importance = load_imatrix(path)
-    table = read_table(out)
-    by_name = {t.name: t for t in f32.tensors}
+    header = read_header(out)
     checked = 0
-    for t in table.tensors:
+    for t in header.tensors:
         if "exps" not in t.name:
             continue
-        values = np.asarray(f32.array(by_name[t.name]))
-        stored = np.asarray(table.array(t)).reshape(values.shape[0], -1)
+        values = np.asarray(read_tensor(f32, t.name))
+        stored = np.asarray(read_tensor(header, t.name)).reshape(values.shape[0], -1)
         for e in range(values.shape[0]):
             assert np.array_equal(stored[e], ggml.quantize(values[e], t.qtype, importance[t.name][e]).reshape(-1)), \
                 f"seed {seed}: {t.name} expert {e}"
@@ -146,5 +146,5 @@ def test_block_fallbacks_are_reported_on_narrow_rows(checkpoint, tmp_path):
 
     report = convert_checkpoint(checkpoint(HF), tmp_path / "q4.gguf", "sf-q4", mmproj=False)
     assert "token_embd.weight: Q4_K → Q5_0 (row size not a multiple of the block)" in report.fallbacks
-    types = {t.name: t.qtype for t in read_table(tmp_path / "q4.gguf").tensors}
+    types = {t.name: t.qtype for t in read_header(tmp_path / "q4.gguf").tensors}
     assert types["token_embd.weight"] == T.Q5_0 and types["blk.0.ffn_gate_inp.weight"] == T.F32

@@ -14,11 +14,15 @@ import os
 import numpy as np
 import pytest
 
-from quant.quality import measure, text_chunks
+from quality import measure, text_chunks
+from quant.gguf_io import read_header
 from smallfour.fixtures.trained import calibration_text, heldout_text, load_spec, trained_checkpoint
-from smallfour.plan import read_gguf_header
 
 N_CTX = 128
+
+
+def tensor_types(path) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(t.name, t.shape, t.qtype.name) for t in read_header(path).tensors]
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +42,25 @@ def trained(tmp_path_factory):
 
 
 def heldout_sample(f32, count: int):
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
     seed = int.from_bytes(os.urandom(4), "little")
-    chunks = text_chunks(load_model(f32, n_ctx=N_CTX), heldout_text().read_text(), N_CTX)
+    with Model.load(f32, n_ctx=N_CTX) as model:
+        chunks = text_chunks(model, heldout_text().read_text(), N_CTX)
     picked = np.random.default_rng(seed).choice(len(chunks), size=count, replace=False)
     return seed, [chunks[i] for i in sorted(picked)]
 
 
 def test_trained_fixture_converts_exactly_and_has_learnt(trained, tmp_path_factory):
     from reference import reference_logits, reference_model
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
     checkpoint, f32, _, _ = trained
     seed, chunks = heldout_sample(f32, 2)
     model = reference_model(checkpoint, tmp_path_factory.getbasetemp())
     ref = reference_logits(model, chunks[0])
-    llm = load_model(f32, n_ctx=N_CTX, logits_all=True, kv_type="f32")
-    llm.eval(chunks[0])
-    got = np.array(llm.scores[:N_CTX], dtype=np.float32)
+    with Model.load(f32, n_ctx=N_CTX, kv_type="f32") as model:
+        got = model.evaluate(chunks[0])
     error = np.abs(got - ref).max() / np.abs(ref).max()
     assert error < 1e-3, f"seed {seed}: relative error {error:.2e} vs transformers"
     # Next-token accuracy on text it never saw: measured 11-41 % per chunk, 21 % on average;
@@ -86,7 +90,7 @@ def test_imatrix_beats_plain_at_equal_size(recipe, ratio, trained):
     convert_checkpoint(checkpoint, plain, spec, mmproj=False, force=True)
     convert_checkpoint(checkpoint, weighted, spec, mmproj=False, force=True, imatrix=imatrix)
     # Same types for every tensor, hence the same size (the files differ only in metadata).
-    assert read_gguf_header(plain)[1] == read_gguf_header(weighted)[1]
+    assert tensor_types(plain) == tensor_types(weighted)
     seed, chunks = heldout_sample(f32, 8)
     result = measure(f32, {"plain": plain, "imatrix": weighted}, chunks, N_CTX)
     kl_plain, kl_imatrix = result["plain"].kl, result["imatrix"].kl

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from convert.errors import ConversionError
+from quant.errors import SmallfourError
 from quant.fit import fit_recipe, parse_budget
-from quant.pipeline import TensorSlot, assign_types, check_requirements, gguf_overhead, tensor_bytes
-from quant.recipes import load_recipe, parse_recipe, preset_names
-from smallfour.errors import SmallfourError
-from smallfour.plan import model_from_config, real_config, real_model
+from quant.pipeline import assign_types, check_requirements, gguf_overhead, tensor_bytes
+from quant.recipes import TensorSlot, load_recipe, parse_recipe, preset_names
+from smallfour.inventory import model_from_config, real_config, real_model
 
 PRESETS_BY_SIZE = ["sf-q6", "sf-q5", "sf-q4", "sf-iq4", "sf-q3", "sf-iq3", "sf-q2", "sf-iq2"]
 N_LAYERS = 36
@@ -52,7 +51,7 @@ def test_presets_keep_router_and_norms_f32_and_report_fallbacks(name, slots):
 
 def test_imatrix_preset_refuses_without_imatrix(slots):
     choices = assign_types(load_recipe("sf-iq2"), slots, N_LAYERS)
-    with pytest.raises(ConversionError, match=r"need an imatrix \(--imatrix FILE\): blk\.0\.ffn_gate_up_exps"):
+    with pytest.raises(SmallfourError, match=r"need an imatrix \(--imatrix FILE\): blk\.0\.ffn_gate_up_exps"):
         check_requirements(choices, slots, None)
     importance = {s.name: np.ones((128, s.shape[-1]), np.float32) for s in slots if s.role == "routed_experts"}
     check_requirements(choices, slots, importance)
@@ -112,7 +111,7 @@ def test_rules_first_match_wins_then_roles_then_default(slots):
     ('[recipe\n', "not valid TOML"),
 ])
 def test_bad_recipes_are_refused_in_one_line(text, message):
-    with pytest.raises(ConversionError, match=message):
+    with pytest.raises(SmallfourError, match=message):
         parse_recipe(text, "x", "test.toml")
 
 
@@ -121,16 +120,16 @@ def test_recipe_names_files_and_types(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text(RULES)
     assert load_recipe(str(path)).name == "mine"
-    with pytest.raises(ConversionError, match="unknown recipe 'q9'.*sf-q4"):
+    with pytest.raises(SmallfourError, match="unknown recipe 'q9'.*sf-q4"):
         load_recipe("q9")
-    with pytest.raises(ConversionError, match="does not exist"):
+    with pytest.raises(SmallfourError, match="does not exist"):
         load_recipe(str(tmp_path / "missing.toml"))
 
 
 def test_parse_budget():
     assert parse_budget("60GB") == 60 * 10**9 and parse_budget("56GiB") == 56 * 2**30
     assert parse_budget("500 MB") == 500 * 10**6 and parse_budget("60") == 60 * 10**9
-    with pytest.raises(ConversionError, match="fit:60 parsecs"):
+    with pytest.raises(SmallfourError, match="fit:60 parsecs"):
         parse_budget("60 parsecs")
 
 
@@ -175,7 +174,7 @@ def test_fit_with_importance_spends_where_importance_is_high(slots):
 
 
 def test_fit_too_small_says_the_minimum(slots):
-    with pytest.raises(ConversionError, match=r"fit: 30.00 GB is too small; the smallest this model gets is 4\d\.\d\d GB"):
+    with pytest.raises(SmallfourError, match=r"fit: 30.00 GB is too small; the smallest this model gets is 4\d\.\d\d GB"):
         fit_recipe(30 * 10**9, slots, N_LAYERS)
 
 

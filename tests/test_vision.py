@@ -32,8 +32,7 @@ from PIL import Image
 from conftest import FP8_BLOCK, HF, NATIVE, NATIVE_FP8, REPO
 from convert.checkpoint import open_checkpoint
 from convert.mmproj import convert_mmproj
-from test_convert_errors import assert_one_line_error, run_cli
-from test_chat_repl import stats_numbers, terminal  # noqa: F401  (the tmux fixture, used by the REPL test)
+from helpers import assert_one_line_error, run_cli, stats_numbers
 
 SDIST_VERSION = "0.3.36"
 # Keys that name the file rather than describe the network.
@@ -196,13 +195,13 @@ def test_convert_cli_mmproj_options(checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def vision_llm(converted, tmp_path_factory, checkpoint):
     """The q8_0 fixture model with an F32 projector (so the comparison measures libmtmd, not rounding)."""
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
     from smallfour.vision import attach_projector, open_projector
 
     mmproj = ours(checkpoint(HF), tmp_path_factory.mktemp("mmproj") / "f32-mmproj.gguf", "f32")
-    llm = load_model(converted(HF, "q8_0"), n_ctx=8192)
-    attach_projector(llm, open_projector(llm, mmproj))
-    return llm
+    with Model.load(converted(HF, "q8_0"), n_ctx=8192) as model:
+        attach_projector(model, open_projector(model, mmproj))
+        yield model
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +224,7 @@ def test_image_embeddings_match_transformers(vision_llm, transformers_model):
     for _ in range(3):
         width, height = (int(v) for v in rng.integers(20, 200, 2))
         image = prepare_bytes("random", random_png(rng, width, height))
-        ours_ = encode_image(vision_llm._smallfour_projector, image)
+        ours_ = encode_image(vision_llm.projector, image)
         # Rows: each grid row's cells, then one [IMG_BREAK] row between grid rows.
         assert ours_.shape == ((image.tokens_x + 1) * image.tokens_y - 1, 128)
         cells = np.delete(ours_, np.arange(image.tokens_x, len(ours_), image.tokens_x + 1), axis=0)
@@ -285,7 +284,7 @@ def test_image_token_count_matches_mistral_common(vision_llm, mistral, size):
     import llama_cpp.mtmd_cpp as mtmd
 
     image = prepare_bytes("random", data)
-    chunks = _chunks_for(vision_llm._smallfour_projector, image)
+    chunks = _chunks_for(vision_llm.projector, image)
     try:
         counts = [mtmd.mtmd_input_chunk_get_n_tokens(mtmd.mtmd_input_chunks_get(chunks, i))
                   for i in range(mtmd.mtmd_input_chunks_size(chunks))]
@@ -316,7 +315,6 @@ def test_several_images_across_turns_match_mistral_common(vision_llm, mistral):
 def test_image_positions_are_cached_by_pixels_not_ids(vision_llm):
     """Two images of one size have the same token ids: the cache must tell them apart by pixels."""
     from smallfour.generate import complete, prompt_with_images, resolve_request
-    from smallfour.vision import eval_prompt, projector_of
 
     rng, seed = fresh_rng()
     urls = [data_url(random_png(rng, 84, 56)) for _ in range(2)]
@@ -329,10 +327,9 @@ def test_image_positions_are_cached_by_pixels_not_ids(vision_llm):
     def last_logits(url: str | None, fresh: bool) -> np.ndarray:
         if fresh:
             vision_llm.reset()
-            vision_llm._smallfour_images = []
         _, tokens, spans = prompt_with_images(vision_llm, request(url))
-        eval_prompt(vision_llm, projector_of(vision_llm), tokens, spans)
-        return np.ctypeslib.as_array(vision_llm._ctx.get_logits(), shape=(vision_llm.n_vocab(),)).copy()
+        vision_llm.prefill(tokens, spans)
+        return vision_llm.logits().copy()
 
     first = last_logits(urls[0], fresh=True)
     complete(vision_llm, request(urls[0]))  # leaves the first image and a reply in the cache

@@ -1,7 +1,8 @@
 """llama.cpp's own quantizer (`llama_model_quantize`, what `llama-quantize` runs), via ctypes.
 
-An independent reference for tests and benchmarks: it reads a GGUF, chooses types with
-its own rules (or the one type forced here) and quantizes with its own threads.
+An independent reference for tests and benchmarks (bench/ puts tests/ on its path): it reads
+a GGUF, chooses types with its own rules (or the one type forced here) and quantizes with
+its own threads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from convert.errors import ConversionError
+from quant.errors import SmallfourError
 
 
 def llama_quantize(source: Path, output: Path, qtype: GGMLQuantizationType | None = None, *,
@@ -61,4 +62,4 @@ def llama_quantize(source: Path, output: Path, qtype: GGMLQuantizationType | Non
         keep.append(entries)
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
     if rc != 0:
-        raise ConversionError(f"llama_model_quantize failed ({rc}) on {source}")
+        raise SmallfourError(f"llama_model_quantize failed ({rc}) on {source}")

@@ -8,28 +8,27 @@ memory map in row chunks (one expert slice at a time), so memory stays bounded.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, GGMLQuantizationType, GGUFValueType, Keys
 
 from convert.errors import ConversionError
-from convert.mistral4 import CHUNK_ELEMENTS, role_of_gguf_name
-from convert.output import atomic_output, check_output_path
-from convert.writer import Progress, _Silent
-from quant.gguf_io import GGUFTable, pack_kv, read_table
-from quant.pipeline import (METADATA_DESCRIPTION, METADATA_IMATRIX, METADATA_RECIPE, Encoder, TensorSlot,
-                            assign_types, check_requirements, fallback_lines, file_type_of, gguf_overhead,
-                            load_importance, prefetched, resolve_recipe_spec, tensor_importance,
-                            validate_recipe_spec)
-from quant.recipes import stored_nbytes
+from convert.mistral4 import CHUNK_ELEMENTS
+from convert.output import NoProgress, Progress, atomic_output, check_output_path
+from quant.gguf_io import MAGIC, GGUFHeader, pack_kv, read_header, read_tensor
+from quant.imatrix import load_importance, tensor_importance
+from quant.names import layer_of, role_of
+from quant.pipeline import (METADATA_DESCRIPTION, METADATA_IMATRIX, METADATA_RECIPE, Encoder, assign_types,
+                            check_requirements, fallback_lines, file_type_of, gguf_overhead, prefetched,
+                            resolve_recipe_spec, validate_recipe_spec)
+from quant.recipes import TensorSlot, stored_nbytes
 
 T = GGMLQuantizationType
 SOURCE_TYPES = (T.F32, T.F16, T.BF16)
-REPLACED_KEYS = ("general.file_type", METADATA_RECIPE, METADATA_DESCRIPTION, METADATA_IMATRIX)
+REPLACED_KEYS = (Keys.General.FILE_TYPE, METADATA_RECIPE, METADATA_DESCRIPTION, METADATA_IMATRIX)
 
 
 @dataclass
@@ -42,11 +41,6 @@ class RequantizeReport:
     fallbacks: list[str] = field(default_factory=list)
 
 
-def layer_of(name: str) -> int | None:
-    m = re.match(r"blk\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 def requantize(source: Path, output: Path, recipe: str, *, force: bool = False, progress: Progress | None = None,
                imatrix: Path | None = None, threads: int | None = None) -> RequantizeReport:
     source, output = Path(source), Path(output)
@@ -57,43 +51,44 @@ def requantize(source: Path, output: Path, recipe: str, *, force: bool = False, 
         raise ConversionError("the output must be a different file from the input")
     validate_recipe_spec(recipe)
     importance = load_importance(imatrix)
-    table = read_table(source)
-    arch = table.values.get("general.architecture")
-    n_layers = table.values.get(f"{arch}.block_count")
+    header = read_header(source)
+    header.check_complete()
+    n_layers = header.arch_field(Keys.LLM.BLOCK_COUNT)
     if not isinstance(n_layers, int):
-        raise ConversionError(f"{source.name}: no {arch}.block_count in the metadata")
-    requantized = [t for t in table.tensors if t.qtype not in SOURCE_TYPES]
+        raise ConversionError(f"{source.name}: no {Keys.LLM.BLOCK_COUNT.format(arch=header.architecture)} "
+                              "in the metadata")
+    requantized = [t for t in header.tensors if t.qtype not in SOURCE_TYPES]
     if requantized:
         raise ConversionError(f"{source.name} is already quantized ({requantized[0].name} is "
                               f"{requantized[0].qtype.name}); quantize from an f32, f16 or bf16 GGUF")
-    slots = [TensorSlot(t.name, role_of_gguf_name(t.name), layer_of(t.name), t.shape) for t in table.tensors]
-    kept = [k for k in table.kv_spans if k not in REPLACED_KEYS]
-    kv_bytes = sum(table.kv_spans[k][1] - table.kv_spans[k][0] for k in kept)
-    overhead = gguf_overhead(kv_bytes + 512, slots, table.alignment)
+    slots = [TensorSlot(t.name, role_of(t.name), layer_of(t.name), t.shape) for t in header.tensors]
+    kept = [k for k in header.kv_spans if k not in REPLACED_KEYS]
+    kv_bytes = sum(header.kv_spans[k][1] - header.kv_spans[k][0] for k in kept)
+    overhead = gguf_overhead(kv_bytes + 512, slots, header.alignment)
     resolved = resolve_recipe_spec(recipe, slots, n_layers, importance, overhead)
     choices = assign_types(resolved, slots, n_layers)
     check_requirements(choices, slots, importance)
-    new_kv = [pack_kv("general.file_type", int(file_type_of(choices, slots)), GGUFValueType.UINT32),
+    new_kv = [pack_kv(Keys.General.FILE_TYPE, int(file_type_of(choices, slots)), GGUFValueType.UINT32),
               pack_kv(METADATA_RECIPE, resolved.name, GGUFValueType.STRING)]
     if resolved.description:
         new_kv.append(pack_kv(METADATA_DESCRIPTION, resolved.description, GGUFValueType.STRING))
     if imatrix is not None:
         new_kv.append(pack_kv(METADATA_IMATRIX, Path(imatrix).name, GGUFValueType.STRING))
-    progress = progress or _Silent()
+    progress = progress or NoProgress()
     with atomic_output(output) as temporary, open(temporary, "wb") as out:
-        written = _write(out, table, kept, new_kv, slots, choices, importance, threads, progress)
+        written = _write(out, header, kept, new_kv, slots, choices, importance, threads, progress)
         out.flush()
         os.fsync(out.fileno())
-    return RequantizeReport(output, resolved.name, len(slots), sum(t.nbytes for t in table.tensors), written,
+    return RequantizeReport(output, resolved.name, len(slots), sum(t.nbytes for t in header.tensors), written,
                             fallback_lines(choices))
 
 
-def _write(out, table: GGUFTable, kept: list[str], new_kv: list[bytes], slots, choices, importance, threads,
+def _write(out, header: GGUFHeader, kept: list[str], new_kv: list[bytes], slots, choices, importance, threads,
            progress: Progress) -> int:
-    alignment = table.alignment or GGUF_DEFAULT_ALIGNMENT
-    out.write(b"GGUF" + struct.pack("<IQQ", 3, len(slots), len(kept) + len(new_kv)))
+    alignment = header.alignment or GGUF_DEFAULT_ALIGNMENT
+    out.write(MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(slots), len(kept) + len(new_kv)))
     for key in kept:
-        out.write(table.raw_kv(key))
+        out.write(header.raw_kv(key))
     for entry in new_kv:
         out.write(entry)
     offset = 0
@@ -106,12 +101,12 @@ def _write(out, table: GGUFTable, kept: list[str], new_kv: list[bytes], slots, c
         offset += stored_nbytes(slot.shape, qtype)
         offset += -offset % alignment
     out.write(b"\0" * (-out.tell() % alignment))
-    progress.start(sum(t.nbytes for t in table.tensors), len(slots))
+    progress.start(sum(t.nbytes for t in header.tensors), len(slots))
     total = 0
-    for entry, slot in zip(table.tensors, slots):
+    for entry, slot in zip(header.tensors, slots):
         qtype = choices[slot.name].qtype
         encoder = Encoder(slot, qtype, tensor_importance(importance, slot), threads)
-        stored = table.array(entry)
+        stored = read_tensor(header, entry.name)
         for piece in prefetched(_pieces(stored, entry.qtype)):
             out.write(encoder.encode(piece).data)
             progress.advance(entry.nbytes * piece.shape[0] // entry.shape[0], slot.name,

@@ -5,7 +5,7 @@ held-out text (chunks of `n_ctx` tokens, `<s>` first, KV cache cleared between
 chunks), the KL divergence KL(P_ref ‖ P_quant) of the next-token distributions
 over the whole vocabulary, and how often both models rank the same token first.
 All models run in lockstep chunk by chunk, so only one chunk of reference
-logits is held at a time.
+logits is held at a time. Used by tests and by bench/quant_quality.py (which puts tests/ on its path).
 """
 
 from __future__ import annotations

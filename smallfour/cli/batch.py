@@ -1,0 +1,116 @@
+"""`smallfour batch`: an OpenAI Batch JSONL through one loaded model (the job itself is `smallfour.batch`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from smallfour.batch import Progress
+from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, Ctx, Mmproj, ModelRef, Preset, ThinkBudget, Verbose,
+                                   with_placement_options)
+from smallfour.console import err, progress_bars
+from smallfour.errors import SmallfourError
+from smallfour.interrupt import Interrupt
+from smallfour.placing import PlacementFlags
+
+
+class _Bars(Progress):
+    """The job's progress as a bar on stderr: requests done, tokens/s, error lines, time left."""
+
+    def __init__(self):
+        self.bars = progress_bars()
+        self.tokens, self.errors, self.started = 0, 0, time.perf_counter()
+
+    def __enter__(self):
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.stop()
+
+    def start(self, total: int, skipped: int) -> None:
+        self.started = time.perf_counter()
+        # Resumed lines are counted done but not timed, so the time left reflects this run's speed.
+        self.task = self.bars.add_task(f"requests ({skipped} done before)" if skipped else "requests",
+                                       total=total - skipped, unit="requests", detail="0.0 tok/s")
+
+    def advance(self, completion_tokens: int, ok: bool) -> None:
+        self.tokens += completion_tokens
+        self.errors += not ok
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        errors = f" {self.errors} errors" if self.errors else ""
+        self.bars.update(self.task, advance=1, detail=f"{self.tokens / elapsed:.1f} tok/s{errors}")
+
+
+@with_placement_options
+def batch(
+    model: ModelRef,
+    input_file: Annotated[str, typer.Argument(metavar="INPUT", help="JSONL in the OpenAI Batch format: one "
+                                              "{custom_id, method, url: /v1/chat/completions, body} per line; "
+                                              "- reads stdin.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="JSONL to append results to, one "
+                                        "{id, custom_id, response, error} line per input line; - writes stdout.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted job: skip the custom_ids "
+                                                          "already in OUTPUT (results and errors alike).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over: empty OUTPUT if it has "
+                                                                "lines.")] = False,
+    preset: Preset = DEFAULT_PRESET,
+    think_budget: ThinkBudget = None,
+    ctx: Ctx = DEFAULT_CTX,
+    mmproj: Mmproj = None,
+    verbose: Verbose = False,
+    placement: PlacementFlags = None,
+) -> None:
+    """Run a batch of chat requests (OpenAI Batch JSONL) through one loaded model.
+
+    Each result is appended to OUTPUT as soon as it is done: after a crash or Ctrl-C, --resume does only what is left.
+
+    A bad line (or one whose prompt does not fit in --ctx) gets an error line and the job goes on. --preset gives the
+    defaults of lines without reasoning_effort; a line's reasoning_effort "high" uses think's sampling, "none"
+    instant's; body fields override either; --think-budget applies to lines that think. Progress (requests,
+    tokens/s, time left) goes to stderr.
+    """
+    from smallfour.batch import BatchOutput, load_projector, parse_jobs, read_input, run_jobs
+    from smallfour.generate import PRESETS
+    from smallfour.runtime import load_model
+    from smallfour.store import resolve_gguf
+
+    if preset not in PRESETS:
+        raise SmallfourError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    path = resolve_gguf(model)
+    layout = placement.resolve(path, ctx)
+    output_path = None if output == "-" else Path(output)
+    if output_path is not None and input_file != "-" and output_path.exists() and Path(input_file).exists() \
+            and output_path.resolve() == Path(input_file).resolve():
+        raise SmallfourError("OUTPUT must not be the INPUT file")
+    lines = read_input(input_file)
+    sink, done = BatchOutput.open(output_path, resume=resume, overwrite=overwrite)
+    try:
+        llm = load_model(path, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, placement=layout)
+        jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab())
+        load_projector(llm, path, mmproj, jobs, gpu=layout.n_gpu_layers != 0)
+        model_name = path.name.removesuffix(".gguf")
+        with Interrupt() as interrupt, _Bars() as bars:
+            summary = run_jobs(llm, jobs, sink, model_name=model_name, done=done, progress=bars,
+                               should_stop=interrupt)
+    finally:
+        sink.close()
+    rate = summary.completion_tokens / summary.seconds if summary.seconds > 0 else 0.0
+    where = "stdout" if output_path is None else str(output_path)
+    plural = "" if summary.failed == 1 else "s"
+    err(f"{summary.done} of {summary.total} requests done ({summary.succeeded} answered, "
+        f"{summary.failed} error line{plural}, {summary.skipped} already in the output); "
+        f"{summary.completion_tokens} tokens at {rate:.1f} tok/s → {where}")
+    if summary.interrupted:
+        args = sys.argv[2:] if sys.argv[1:2] == ["batch"] else [model, input_file, "-o", output]
+        command = shlex.join(["smallfour", "batch", *(a for a in args if a not in ("--resume", "--overwrite")),
+                              "--resume"])
+        hint = f"continue with: {command}" if output_path is not None else \
+            "the results so far went to stdout; write to a file (-o FILE) to be able to --resume"
+        err(("interrupted", "yellow"), f": {hint}")
+        raise typer.Exit(130)

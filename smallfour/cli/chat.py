@@ -1,0 +1,61 @@
+"""`smallfour chat`: load a model once and talk to it in the terminal (the REPL is `smallfour.chat`)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from rich.console import Console
+from rich.text import Text
+
+from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, Ctx, Effort, MaxTokens, Mmproj, ModelRef, Preset, Seed,
+                                   System, Temperature, ThinkBudget, TopK, TopP, Verbose, with_placement_options)
+from smallfour.console import stderr
+from smallfour.placing import PlacementFlags
+
+
+@with_placement_options
+def chat(
+    model: ModelRef,
+    system: System = None,
+    preset: Preset = DEFAULT_PRESET,
+    effort: Effort = None,
+    think_budget: ThinkBudget = None,
+    max_tokens: MaxTokens = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    seed: Seed = None,
+    ctx: Ctx = DEFAULT_CTX,
+    mmproj: Mmproj = None,
+    verbose: Verbose = False,
+    placement: PlacementFlags = None,
+) -> None:
+    """Chat with a model in the terminal: history, /commands, Ctrl-C stops a reply, Ctrl-D leaves.
+
+    /help lists the commands; /system, /preset, /effort and /set change the options above for the next turns. The whole
+    conversation must fit in --ctx. Thinking shows dimmed, then folds to one line (/think); answers render as Markdown.
+    """
+    from smallfour.chat import LineEditor, Session, history_file, repl
+    from smallfour.runtime import load_model
+    from smallfour.store import resolve_gguf
+
+    model = resolve_gguf(model)
+    overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                      seed=seed, think_budget=think_budget).items() if v is not None}
+    session = Session(llm=None, preset=preset, effort=effort, system=system, overrides=overrides, model=model,
+                      mmproj=mmproj)
+    session.request()  # bad --preset / --effort fail here, before the model loads
+    layout = placement.resolve(model, ctx)
+    console = Console(highlight=False)
+    with stderr.status(f"loading {model.name}…", spinner="dots") if not verbose else nullcontext():
+        session.llm = load_model(model, n_ctx=ctx, seed=seed, verbose=verbose, kv_type=placement.kv_type,
+                                 placement=layout)
+    request = session.request()
+    console.print(Text.assemble(("smallfour chat", "bold"), f"  {model.name}  ctx {session.llm.n_ctx()}, preset "
+                                f"{session.preset}, effort {request.effort}", style=None), soft_wrap=True)
+    console.print(Text("/help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves.", style="dim"))
+    editor = LineEditor(history_file())
+    try:
+        repl(session, console, editor)
+    finally:
+        editor.save()

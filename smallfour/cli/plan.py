@@ -1,0 +1,201 @@
+"""`smallfour plan`: where a model would go on this machine (or a named one), as tables or JSON.
+
+The planning itself is `smallfour.plan`; this module reads the options, picks the
+model (a GGUF, a checkpoint config, or the built-in real Mistral Small 4 config) and
+the hardware (a profile, `--gpu`/`--ram`, or this machine), and prints the result.
+Heavy imports (gguf pulls in mistral-common) wait until the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from smallfour.cli.options import DEFAULT_CTX, DEFAULT_KV_TYPE, PLACEMENT_HELP, AsJson, Ctx, KvType, Recipe
+from smallfour.console import out
+from smallfour.errors import SmallfourError
+
+if TYPE_CHECKING:
+    from smallfour.plan import DevicePlan, Plan
+
+# Kept literal so `--help` costs no gguf import; tests check it lists every profile.
+PROFILE_NAMES = "4xH100, 2xH200, 1xH100+256GB, 24GB+128GB, cpu-96GB"
+EXIT_DOES_NOT_FIT = 3
+
+# Display names, in display order.
+ROLE_LABELS = {
+    "embeddings": "token embeddings",
+    "routed_experts": "routed experts",
+    "attention": "attention (MLA)",
+    "shared_expert": "shared expert",
+    "dense_ffn": "dense FFN",
+    "router": "router",
+    "norm": "norms",
+    "output": "output (lm head)",
+}
+
+
+def plan(
+    model: Annotated[Optional[Path], typer.Argument(help="GGUF file to plan for; or use --config / --model.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="config.json or params.json (or a checkpoint "
+                                                                    "directory): plan before downloading "
+                                                                    "anything.")] = None,
+    builtin: Annotated[Optional[str], typer.Option("--model", help="Built-in config: mistral-small-4 (the real "
+                                                                   "119B hyper-parameters).")] = None,
+    recipe: Recipe = "bf16",
+    hw_profile: Annotated[Optional[str], typer.Option("--profile", help=f"Hardware profile: "
+                                                                        f"{PROFILE_NAMES}.")] = None,
+    gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="A GPU, repeated per GPU: h100, h200, a100, "
+                                                                   "rtx4090, or a size like 80GB (GB = GiB), "
+                                                                   "optionally @BANDWIDTH (24GB@1TB/s).")] = None,
+    ram: Annotated[Optional[str], typer.Option("--ram", help="CPU RAM, e.g. 128GB or 256GB@300GB/s "
+                                                             "(default bandwidth: dual-channel DDR5, 80 GB/s).")] = None,
+    ctx: Ctx = DEFAULT_CTX,
+    kv_type: KvType = DEFAULT_KV_TYPE,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompt batch (llama.cpp n_batch = "
+                                                                        "n_ubatch).")] = 512,
+    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", rich_help_panel=PLACEMENT_HELP,
+                                             help="Plan with flash attention (without it, long contexts need far "
+                                                  "larger compute buffers).")] = True,
+    mmproj: Annotated[Optional[Path], typer.Option("--mmproj", help="Vision projector GGUF to count beside the "
+                                                                    "model.")] = None,
+    vision: Annotated[bool, typer.Option("--vision", help="Count the real projector (≈0.8 GB) without a "
+                                                          "file.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Plan where the model goes — GPUs, CPU RAM, KV cache — before loading it. Exit code 3: it does not fit.
+
+    --recipe applies to --config and --model; a GGUF has its own types.
+    """
+    from smallfour import inventory
+    from smallfour import plan as planner
+
+    the_model = _model(inventory, model, config, builtin, recipe)
+    hardware = _hardware(hw_profile, gpu or [], ram)
+    mmproj_bytes = inventory.mmproj_bytes(mmproj) if mmproj else (planner.MMPROJ_ESTIMATE_BYTES if vision else 0)
+    settings = planner.Settings(n_ctx=ctx, kv_type=kv_type, n_batch=batch_size, flash_attn=flash_attn,
+                                mmproj_bytes=mmproj_bytes)
+    result = planner.plan(the_model, hardware, settings)
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        render(result, model_arg=str(model) if model else "MODEL.gguf")
+    if not result.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _model(inventory, path: Path | None, config: Path | None, builtin: str | None, recipe: str):
+    chosen = [x for x in (path, config, builtin) if x is not None]
+    if len(chosen) != 1:
+        raise SmallfourError("plan needs exactly one of: a GGUF file, --config FILE, or --model mistral-small-4")
+    if path is not None:
+        return inventory.model_from_gguf(path)
+    if builtin is not None:
+        if builtin.lower() != inventory.REAL_MODEL_NAME:
+            raise SmallfourError(f"unknown built-in model {builtin!r}; the one built in is {inventory.REAL_MODEL_NAME}")
+        return inventory.real_model(recipe)
+    return inventory.model_from_config(inventory.load_config(config), recipe, name=str(config))
+
+
+def _hardware(profile_name: str | None, gpus: list[str], ram: str | None):
+    from smallfour.hardware import hardware_from_specs, profile
+
+    base = profile(profile_name) if profile_name else None
+    return hardware_from_specs(gpus, ram, base)
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+GiB = 1024**3
+
+
+def _gib(n: float, digits: int = 1) -> str:
+    return f"{n / GiB:,.{digits}f}"
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] → "0–2, 5"."""
+    if not layers:
+        return "—"
+    layers = sorted(layers)
+    parts, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}–{prev}")
+            start = cur
+    return ", ".join(parts)
+
+
+def render(plan: "Plan", model_arg: str = "MODEL.gguf") -> None:
+    m, s = plan.model, plan.settings
+    source = {"gguf": "GGUF", "config": "checkpoint config", "built-in": "built-in config"}[m.source]
+    out((m.name, "bold"), f" ({source}, {m.recipe}) on ", (plan.hardware.name, "bold"),
+        f": context {s.n_ctx:,} tokens, KV {s.kv_type}, batch {s.n_batch}, "
+        f"flash attention {'on' if s.flash_attn else 'off'}")
+    out(f"weights {plan.weights_bytes / 1e9:,.1f} GB ({_gib(plan.weights_bytes)} GiB) · KV cache "
+        f"{plan.kv_bytes / 1e9:,.2f} GB ({plan.kv_bytes_per_token:,} bytes/token) · mmproj "
+        f"{s.mmproj_bytes / 1e9:,.2f} GB")
+    out(_summary_table(plan))
+    for d in plan.devices:
+        if d.used_bytes and (d.layers or d.weights or d.device.kind == "cpu"):
+            out(_device_table(d, s.kv_type))
+    out(_params_table(plan))
+    out(f"as flags: smallfour run {model_arg} {' '.join(plan.run_flags())}")
+    _print_decode(plan)
+    out((plan.verdict, "bold green" if plan.fits else "bold red"))
+    if len(plan.suggestions) > 1:
+        out("other changes that fit: " + "; ".join(plan.suggestions[1:]))
+
+
+def _summary_table(plan: "Plan") -> Table:
+    table = Table("device", "used GiB", "of GiB", "full", "layers", "experts of layers", "bandwidth",
+                  title="Placement", title_justify="left")
+    for d in plan.devices:
+        table.add_row(d.device.name, _gib(d.used_bytes), _gib(d.device.capacity_bytes),
+                      f"{100 * d.used_bytes / d.device.capacity_bytes:.0f}%",
+                      _ranges(d.layers) + (" + output" if d.holds_output else ""), _ranges(d.expert_layers),
+                      f"{d.device.bandwidth / 1e9:,.0f} GB/s", style=None if d.fits else "red")
+    return table
+
+
+def _device_table(d: "DevicePlan", kv_type: str) -> Table:
+    cap = d.device.capacity_bytes
+    table = Table("holds", "GiB", "% of capacity", title=f"{d.device.name}: {_gib(d.used_bytes)} of "
+                  f"{_gib(cap)} GiB ({100 * d.used_bytes / cap:.0f}%)", title_justify="left")
+    for role, nbytes in sorted(d.weights.items(), key=lambda item: list(ROLE_LABELS).index(item[0])
+                               if item[0] in ROLE_LABELS else len(ROLE_LABELS)):
+        label = ROLE_LABELS.get(role, role)
+        if role == "routed_experts":
+            label += f" (layers {_ranges(d.expert_layers)})"
+        table.add_row(label, _gib(nbytes, 2), f"{100 * nbytes / cap:.1f}%")
+    for what, nbytes in d.other.items():
+        if what.startswith("KV cache"):
+            what += f", layers {_ranges(d.layers)}"
+        table.add_row(what, _gib(nbytes, 2), f"{100 * nbytes / cap:.1f}%")
+    table.add_row("total", _gib(d.used_bytes, 2), f"{100 * d.used_bytes / cap:.1f}%", style="bold")
+    table.add_row("limit (capacity less headroom)", _gib(d.device.usable_bytes, 2),
+                  f"{100 * d.device.usable_bytes / cap:.1f}%", style="dim")
+    return table
+
+
+def _params_table(plan: "Plan") -> Table:
+    table = Table("llama.cpp parameter", "value", title="Parameters", title_justify="left")
+    table.columns[1].overflow = "fold"  # the override regex is long and must print whole
+    for key, value in plan.llama_params.items():
+        table.add_row(key, json.dumps(value))
+    return table
+
+
+def _print_decode(plan: "Plan") -> None:
+    est = plan.decode_estimate()
+    # Devices that read real weight bytes per token (not just one embedding row).
+    readers = [d.device for d in plan.devices if d.read_per_token > 1e6]
+    over = ", ".join(f"{d.name} {d.bandwidth / 1e9:,.0f} GB/s at {d.efficiency:.0%}" for d in readers)
+    out(f"decode estimate: ~{est['tokens_per_s']:,.0f} tokens/s near an empty context, "
+        f"~{est['tokens_per_s_full_context']:,.0f} at {plan.settings.n_ctx:,} tokens "
+        f"(ceiling {est['ceiling_tokens_per_s']:,.0f} at peak bandwidth); reads "
+        f"{est['bytes_per_token'] / 1e9:.2f} GB of weights per token over {over} of peak")
