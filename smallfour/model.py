@@ -7,7 +7,9 @@ position, and which images were evaluated where), so a prompt that shares a pref
 the previous one evaluates only what is new. Nothing is hung on llama-cpp-python's
 objects: its low-level bindings (`llama_cpp.llama_cpp`, `llama_cpp.mtmd_cpp`) are all we use.
 
-One sequence (id 0) for now; positions equal indices into `Model.tokens`.
+A context holds `n_seq` sequences in one unified KV cache (`smallfour.engine` decodes them
+together); each has `n_ctx_seq` positions, and `caches[seq]` says what it holds (positions
+equal indices into its token list). Single-sequence callers use sequence 0 (`Model.tokens`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from smallfour.errors import SmallfourError
 from smallfour.placement import KV_TYPES, SPLIT_MODES, Placement, expert_overrides, override_array
 from smallfour.prompts import Segment, split_on_control_tokens
 
-SEQ = 0  # the one sequence this handle drives
+SEQ = 0  # the sequence single-sequence callers (run, chat, tests) use
 DEFAULT_BATCH = 512  # tokens per llama_decode call while reading a prompt
 
 _show_llama_log = False
@@ -70,8 +72,8 @@ class ImageInsert(Protocol):
     @property
     def digest(self) -> bytes: ...
 
-    def decode(self, model: Model, tokens: list[int]) -> None:
-        """Evaluate the image's positions at the end of `model`'s cache."""
+    def decode(self, model: Model, tokens: list[int], seq: int) -> None:
+        """Evaluate the image's positions at the end of sequence `seq`."""
 
 
 class Attachment(Protocol):
@@ -82,11 +84,23 @@ class Attachment(Protocol):
 
 @dataclass(frozen=True)
 class CachedImage:
-    """An image whose embeddings fill positions [start, start + n_tokens) of the KV cache."""
+    """An image whose embeddings fill positions [start, start + n_tokens) of a sequence."""
 
     start: int
     n_tokens: int
     digest: bytes
+
+
+@dataclass
+class SequenceCache:
+    """What one sequence of the KV cache holds: token ids by position, and the images among them."""
+
+    tokens: list[int]
+    images: list[CachedImage]
+
+    def keep(self, n: int) -> None:
+        del self.tokens[n:]
+        self.images = [image for image in self.images if image.start + image.n_tokens <= n]
 
 
 def default_threads() -> tuple[int, int]:
@@ -114,8 +128,9 @@ class Model:
         self.n_batch = int(llama_cpp.llama_n_batch(ctx)) if ctx else 0
         self.n_threads = int(llama_cpp.llama_n_threads(ctx)) if ctx else 0
         self.n_threads_batch = int(llama_cpp.llama_n_threads_batch(ctx)) if ctx else 0
-        self.tokens: list[int] = []  # what the KV cache holds, by position
-        self.images: list[CachedImage] = []
+        self.n_seq = int(llama_cpp.llama_n_seq_max(ctx)) if ctx else 1
+        self.n_ctx_seq = self.n_ctx // self.n_seq  # positions each sequence may use
+        self.caches = [SequenceCache([], []) for _ in range(self.n_seq)]
         self.projector: Attachment | None = None  # vision.Projector
         self.projector_error: str | None = None
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, 1), 0, 1) if ctx else None
@@ -123,11 +138,11 @@ class Model:
     # ------------------------------------------------------------------ life cycle
 
     @classmethod
-    def load(cls, path: Path | str, *, n_ctx: int = 4096, n_batch: int = DEFAULT_BATCH, n_threads: int | None = None,
-             n_threads_batch: int | None = None, kv_type: str = "f16", placement: Placement | None = None,
-             verbose: bool = False, vocab_only: bool = False,
+    def load(cls, path: Path | str, *, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = DEFAULT_BATCH,
+             n_threads: int | None = None, n_threads_batch: int | None = None, kv_type: str = "f16",
+             placement: Placement | None = None, verbose: bool = False, vocab_only: bool = False,
              eval_callback=None) -> Model:
-        """Load the GGUF at `path`, laid out as `placement` says.
+        """Load the GGUF at `path`, laid out as `placement` says, with `n_seq` sequences of `n_ctx` positions.
 
         `vocab_only` reads the vocabulary and template only (tokenizing, `--dry-run`): no weights, no
         context. `eval_callback` is a `llama_cpp.ggml_backend_sched_eval_callback`, llama.cpp's `cb_eval`
@@ -177,9 +192,14 @@ class Model:
         if vocab_only:
             return cls(path, model, None, keep_alive)
         decode_threads, batch_threads = default_threads()
+        if not 1 <= n_seq <= llama_cpp.llama_max_parallel_sequences():
+            raise SmallfourError(f"{n_seq} parallel sequences: llama.cpp handles 1 to "
+                                 f"{llama_cpp.llama_max_parallel_sequences()}")
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = min(n_batch, n_ctx)
+        cparams.n_ctx = n_ctx * n_seq
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True  # shared prefixes are shared cells (llama_memory_seq_cp)
+        cparams.n_batch = cparams.n_ubatch = min(n_batch, n_ctx * n_seq)
         cparams.n_threads = n_threads or decode_threads
         cparams.n_threads_batch = n_threads_batch or n_threads or batch_threads
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
@@ -298,40 +318,75 @@ class Model:
         if not self._ctx:
             raise SmallfourError(f"{self.name} was loaded for its vocabulary only")
 
-    def truncate(self, keep: int) -> None:
-        """Forget every position from `keep` on (also whatever an interrupted decode left there)."""
-        self._require_context()
-        self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ctx), SEQ, keep, -1)
-        del self.tokens[keep:]
-        self.images = [image for image in self.images if image.start + image.n_tokens <= keep]
+    @property
+    def tokens(self) -> list[int]:
+        """What sequence 0 holds (single-sequence callers)."""
+        return self.caches[SEQ].tokens
 
-    def reset(self) -> None:
-        self.truncate(0)
+    def _memory(self):
+        return self._lib.llama_get_memory(self._ctx)
 
-    def decode(self, tokens: Sequence[int], *, all_logits: bool = False) -> None:
-        """Append `tokens` to the sequence; afterwards the logits of the last one (or of all) are ready."""
+    def truncate(self, keep: int, seq: int = SEQ) -> None:
+        """Forget every position of `seq` from `keep` on (also whatever an interrupted decode left there)."""
         self._require_context()
-        if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise SmallfourError(f"{len(self.tokens) + len(tokens)} tokens do not fit in the context "
-                                 f"({self.n_ctx} tokens)")
-        batch, lib = self._batch, self._lib
+        self._lib.llama_memory_seq_rm(self._memory(), seq, keep, -1)
+        self.caches[seq].keep(keep)
+
+    def reset(self, seq: int = SEQ) -> None:
+        self.truncate(0, seq)
+
+    def share_prefix(self, source: int, target: int, n: int) -> None:
+        """Make `target` hold the first `n` positions of `source` (the same cells: no evaluation)."""
+        self._require_context()
+        self.truncate(0, target)
+        self._lib.llama_memory_seq_cp(self._memory(), source, target, 0, n)
+        held = self.caches[source]
+        self.caches[target] = SequenceCache(held.tokens[:n], [i for i in held.images if i.start + i.n_tokens <= n])
+
+    def decode(self, tokens: Sequence[int], *, seq: int = SEQ, all_logits: bool = False) -> None:
+        """Append `tokens` to `seq`; afterwards the logits of the last one (or of all) are ready."""
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             last_chunk = start + self.n_batch >= len(tokens)
-            batch.n_tokens = len(chunk)
-            position = len(self.tokens)
-            for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = position + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = SEQ
-                batch.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-            status = lib.llama_decode(self._ctx, batch)
-            if status != 0:
-                lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), SEQ, position, -1)
-                raise SmallfourError(f"llama.cpp could not evaluate {len(chunk)} tokens at position {position} "
-                                     f"(llama_decode returned {status})")
-            self.tokens += chunk
+            self.decode_batch([(seq, chunk, all_logits or last_chunk)], all_logits=all_logits)
+
+    def decode_batch(self, pieces: Sequence[tuple[int, Sequence[int], bool]], *,
+                     all_logits: bool = False) -> list[int | None]:
+        """One `llama_decode` over several sequences.
+
+        Each piece is (seq, tokens appended to it, whether the logits of its last token are wanted).
+        Returns, per piece, the batch position whose logits `logits(i)` (and samplers) read, or None.
+        """
+        self._require_context()
+        total = sum(len(tokens) for _, tokens, _ in pieces)
+        if total > self.n_batch:
+            raise SmallfourError(f"internal error: {total} tokens in one batch of {self.n_batch}")
+        batch, lib = self._batch, self._lib
+        n = 0
+        outputs: list[int | None] = []
+        for seq, tokens, wants_logits in pieces:
+            position = len(self.caches[seq].tokens)
+            if position + len(tokens) > self.n_ctx_seq:
+                raise SmallfourError(f"{position + len(tokens)} tokens do not fit in the context "
+                                     f"({self.n_ctx_seq} tokens)")
+            for i, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = position + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = all_logits or (wants_logits and i == len(tokens) - 1)
+                n += 1
+            outputs.append(n - 1 if wants_logits and tokens else None)
+        batch.n_tokens = n
+        status = lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            for seq, _, _ in pieces:
+                lib.llama_memory_seq_rm(self._memory(), seq, len(self.caches[seq].tokens), -1)
+            raise SmallfourError(f"llama.cpp could not evaluate a batch of {n} tokens "
+                                 f"(llama_decode returned {status})")
+        for seq, tokens, _ in pieces:
+            self.caches[seq].tokens += tokens
+        return outputs
 
     def logits(self, index: int = -1) -> np.ndarray:
         """The logits of output `index` of the last decode (a view into llama.cpp's buffer: copy to keep)."""
@@ -351,21 +406,22 @@ class Model:
                 out[start + i] = self.logits(i)
         return out
 
-    def reusable_prefix(self, tokens: Sequence[int], images: Sequence[CachedImage] = ()) -> int:
+    def reusable_prefix(self, tokens: Sequence[int], images: Sequence[CachedImage] = (), seq: int = SEQ) -> int:
         """How much of what the cache holds a new prompt `tokens` can keep.
 
         Token ids alone cannot tell two images with the same grid apart, so an image's positions
         count as cached only if the same pixels were evaluated at the same place. The last
         prompt token is always evaluated again, so the logits are the prompt's.
         """
+        cache = self.caches[seq]
         keep = 0
-        for held, wanted in zip(self.tokens, tokens):
+        for held, wanted in zip(cache.tokens, tokens):
             if held != wanted:
                 break
             keep += 1
         keep = min(keep, len(tokens) - 1)
         wanted_images = set(images)
-        for image in self.images:
+        for image in cache.images:
             if image.start < keep and image not in wanted_images:
                 keep = min(keep, image.start)
         for image in images:
@@ -373,41 +429,62 @@ class Model:
                 keep = image.start
         return max(keep, 0)
 
-    def prefill(self, tokens: list[int], spans: Sequence[ImageInsert] = ()) -> int:
-        """Make the cache hold `tokens` (images evaluated through the projector); returns the positions reused.
+    def prefill(self, tokens: list[int], spans: Sequence[ImageInsert] = (), seq: int = SEQ) -> int:
+        """Make `seq` hold `tokens` (images evaluated through the projector); returns the positions reused.
 
         Afterwards the logits of the last prompt token are ready for sampling.
         """
         self._require_context()
-        if len(tokens) >= self.n_ctx:
-            if spans:
-                raise SmallfourError(f"prompt is {len(tokens)} tokens with its images, the context holds "
-                                     f"{self.n_ctx} (raise --ctx or give fewer or smaller images)")
-            raise SmallfourError(f"prompt is {len(tokens)} tokens, the context holds {self.n_ctx}")
-        cached = [CachedImage(span.start, span.n_tokens, span.digest) for span in spans]
-        keep = self.reusable_prefix(tokens, cached)
-        self.truncate(keep)
-        position = keep
-        for span, image in zip(spans, cached, strict=True):
-            end = image.start + image.n_tokens
-            if end <= keep:
-                continue
-            if image.start > position:
-                self.decode(tokens[position:image.start])
-            span.decode(self, tokens)
-            if len(self.tokens) != end or self.tokens[image.start:end] != tokens[image.start:end]:
-                raise SmallfourError(f"internal error: libmtmd laid an image out over "
-                                     f"{len(self.tokens) - image.start} positions, mistral-common over "
-                                     f"{image.n_tokens}")
-            self.images.append(image)
-            position = end
-        if position < len(tokens):
-            self.decode(tokens[position:])
+        self.check_fits(tokens, spans)
+        keep = self.reusable_prefix(tokens, image_entries(spans), seq)
+        self.truncate(keep, seq)
+        for start, end, span in prompt_pieces(tokens, spans, keep):
+            if span is None:
+                self.decode(tokens[start:end], seq=seq)
+            else:
+                self.decode_image(span, tokens, seq)
         return keep
 
-    def extend_after_image(self, tokens: Sequence[int]) -> None:
+    def check_fits(self, tokens: Sequence[int], spans: Sequence[ImageInsert] = ()) -> None:
+        if len(tokens) >= self.n_ctx_seq:
+            if spans:
+                raise SmallfourError(f"prompt is {len(tokens)} tokens with its images, the context holds "
+                                     f"{self.n_ctx_seq} (raise --ctx or give fewer or smaller images)")
+            raise SmallfourError(f"prompt is {len(tokens)} tokens, the context holds {self.n_ctx_seq}")
+
+    def decode_image(self, span: ImageInsert, tokens: list[int], seq: int) -> None:
+        """Evaluate one image at the end of `seq` and record it."""
+        start, end = span.start, span.start + span.n_tokens
+        span.decode(self, tokens, seq)
+        held = self.caches[seq]
+        if len(held.tokens) != end or held.tokens[start:end] != tokens[start:end]:
+            raise SmallfourError(f"internal error: libmtmd laid an image out over {len(held.tokens) - start} "
+                                 f"positions, mistral-common over {span.n_tokens}")
+        held.images.append(CachedImage(start, span.n_tokens, span.digest))
+
+    def extend_after_image(self, seq: int, tokens: Sequence[int]) -> None:
         """Record positions libmtmd filled with image embeddings (their ids as mistral-common writes them)."""
-        self.tokens += tokens
+        self.caches[seq].tokens += tokens
 
 
-__all__ = ["Attachment", "CachedImage", "ImageInsert", "Model", "default_threads", "llama_log_callback"]
+def image_entries(spans: Sequence[ImageInsert]) -> list[CachedImage]:
+    return [CachedImage(span.start, span.n_tokens, span.digest) for span in spans]
+
+
+def prompt_pieces(tokens: Sequence[int], spans: Sequence[ImageInsert], start: int):
+    """What is left to evaluate of a prompt from position `start`: (start, end, None) for text,
+    (start, end, span) for an image (always whole: a reused prefix never ends inside one)."""
+    position = start
+    for span in spans:
+        end = span.start + span.n_tokens
+        if end <= position:
+            continue
+        if span.start > position:
+            yield position, span.start, None
+        yield span.start, end, span
+        position = end
+    if position < len(tokens):
+        yield position, len(tokens), None
+
+
+__all__ = ["Attachment", "CachedImage", "ImageInsert", "Model", "SequenceCache", "image_entries", "prompt_pieces", "default_threads", "llama_log_callback"]

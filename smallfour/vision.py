@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 from quant.gguf_io import read_header, read_tensor
 from smallfour.errors import SmallfourError
 from smallfour.images import Geometry, PreparedImage, prepare_image
-from smallfour.model import SEQ
 
 if TYPE_CHECKING:
     from smallfour.model import Model
@@ -69,8 +68,8 @@ class ImageSpan:
         return hashlib.blake2b(self.image.rgb + f"{self.image.width}x{self.image.height}".encode(),
                                digest_size=16).digest()
 
-    def decode(self, model: Model, tokens: list[int]) -> None:
-        decode_image(model, self, tokens)
+    def decode(self, model: Model, tokens: list[int], seq: int) -> None:
+        decode_image(model, self, tokens, seq)
 
 
 def find_mmproj(model: Path, explicit: Path | None) -> Path:
@@ -258,10 +257,10 @@ def _encode_chunk(projector: Projector, chunk, image: PreparedImage):
     return embd
 
 
-def decode_image(model: Model, span: ImageSpan, tokens: list[int]) -> None:
-    """One image's chunks into `model`'s cache at its end: the embeddings, then `[IMG_END]`.
+def decode_image(model: Model, span: ImageSpan, tokens: list[int], seq: int) -> None:
+    """One image's chunks into sequence `seq` at its end: the embeddings, then `[IMG_END]`.
 
-    The positions get the grid's token ids (`tokens[span.start:…]`) in `model.tokens`.
+    The positions get the grid's token ids (`tokens[span.start:…]`) in the sequence's cache.
     """
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
@@ -276,20 +275,21 @@ def decode_image(model: Model, span: ImageSpan, tokens: list[int]) -> None:
                 pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                 text = [pointer[j] for j in range(count.value)]
                 if text:
-                    model.decode(text)
+                    model.decode(text, seq=seq)
                 continue
-            start = len(model.tokens)
-            if start + mtmd.mtmd_input_chunk_get_n_tokens(chunk) >= model.n_ctx:
-                raise SmallfourError(f"image {span.image.label} does not fit in the context ({model.n_ctx} tokens)")
+            start = len(model.caches[seq].tokens)
+            if start + mtmd.mtmd_input_chunk_get_n_tokens(chunk) >= model.n_ctx_seq:
+                raise SmallfourError(f"image {span.image.label} does not fit in the context "
+                                     f"({model.n_ctx_seq} tokens)")
             embd = _encode_chunk(projector, chunk, span.image)
             new_n_past = llama_cpp.llama_pos(0)
             result = mtmd.mtmd_helper_decode_image_chunk(
                 projector.ctx, model.context, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                llama_cpp.llama_pos(start), llama_cpp.llama_seq_id(SEQ), model.n_batch, ctypes.byref(new_n_past),
+                llama_cpp.llama_pos(start), llama_cpp.llama_seq_id(seq), model.n_batch, ctypes.byref(new_n_past),
                 ctypes.cast(None, mtmd.mtmd_helper_post_decode_callback), None)
             if result != 0:
                 raise SmallfourError(f"llama.cpp could not evaluate image {span.image.label} (error {result})")
-            model.extend_after_image(tokens[start:new_n_past.value])
+            model.extend_after_image(seq, tokens[start:new_n_past.value])
     finally:
         mtmd.mtmd_input_chunks_free(chunks)
 

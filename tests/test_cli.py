@@ -115,3 +115,73 @@ def test_every_command_explains_itself(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "Usage:" in result.stdout and "--help" in result.stdout
+
+
+def test_typer_lives_only_in_the_cli_package():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for package in ("quant", "convert", "smallfour"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.is_relative_to(root / "smallfour" / "cli") or path == root / "smallfour" / "__main__.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{path.relative_to(root)} imports {n}" for n in names
+                              if n.split(".")[0] == "typer" or n == "smallfour.cli" or n.startswith("smallfour.cli.")]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_console_prints_user_text_as_typed(capsys):
+    from smallfour.console import err, out
+
+    line = "[bold]model[draft].gguf[/] :smile: " + "word " * 40
+    out(line)
+    err(("error:", "bold red"), f" {line}")
+    captured = capsys.readouterr()
+    assert captured.out == line + "\n"  # no markup, no emoji, no wrapping when not a terminal
+    assert captured.err == f"error: {line}\n"
+
+
+def test_errors_show_paths_as_typed(tmp_path):
+    assert_one_line_error(run_cli("run", tmp_path / "model[draft].gguf", "-p", "x"), "model[draft].gguf")
+    assert_one_line_error(run_cli("inspect", tmp_path / ":smile:[b].gguf"), ":smile:[b].gguf")
+
+
+def test_messages_files_are_checked_like_batch_lines(tmp_path, converted):
+    model = converted(HF, "q8_0")
+    bad_role = tmp_path / "robot.json"
+    bad_role.write_text(json.dumps([{"role": "robot", "content": "hi"}]))
+    assert_one_line_error(run_cli("run", model, "--messages", bad_role, "--dry-run"),
+                          "robot.json: messages[0].role must be one of system, user, assistant, tool")
+    not_a_list = tmp_path / "object.json"
+    not_a_list.write_text(json.dumps({"role": "user"}))
+    assert_one_line_error(run_cli("run", model, "--messages", not_a_list, "--dry-run"),
+                          'expected a JSON list of {"role", "content"} messages')
+    image_in_system = tmp_path / "image.json"
+    image_in_system.write_text(json.dumps({"messages": [
+        {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+        {"role": "user", "content": "hi"}]}))
+    assert_one_line_error(run_cli("run", model, "--messages", image_in_system, "--dry-run"),
+                          "messages[0].content[0]: only user messages take images")
+
+
+def test_shared_options_read_the_same_everywhere():
+    from typer.main import get_command
+
+    from smallfour.cli import app
+
+    commands = get_command(app).commands
+    shared = {"--ctx": ("run", "chat", "batch", "plan"), "--mmproj": ("run", "chat", "batch"),
+              "--preset": ("run", "chat", "batch"), "--kv-type": ("run", "chat", "batch", "imatrix", "plan"),
+              "--think-budget": ("run", "chat", "batch"), "--json": ("run", "inspect", "pull", "models", "doctor", "plan"),
+              "--recipe": ("convert", "quantize", "plan"), "--imatrix": ("convert", "quantize"),
+              "--cpu-experts": ("run", "chat", "batch", "imatrix"), "--verbose": ("run", "chat", "batch", "imatrix", "demo")}
+    for flag, names in shared.items():
+        options = [next(p for p in commands[name].params if flag in p.opts) for name in names]
+        assert len({(o.help, tuple(o.opts)) for o in options}) == 1, flag
+        assert len({o.default for o in options if o.required is False and o.default is not None}) <= 1 or \
+            flag == "--recipe", flag  # plan and convert default to bf16; quantize requires one
