@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from smallfour.inventory import REAL_MODEL_NAME, real_model  # noqa: E402
-from smallfour.plan import assumptions as plan_assumptions  # noqa: E402
+from smallfour.planner import assumptions as plan_assumptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 110  # terminal columns the tables are rendered at

@@ -53,7 +53,7 @@ class TensorEntry:
         return int(np.prod(self.shape, dtype=np.int64)) // block * size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GGUFHeader:
     """A GGUF's key/values and tensor table. Shared by every caller through the cache: read-only."""
 
@@ -65,7 +65,7 @@ class GGUFHeader:
     alignment: int
     data_offset: int  # where the tensor data starts
     file_size: int
-    _by_name: dict[str, TensorEntry] = field(init=False, repr=False, compare=False)
+    _by_name: dict[str, TensorEntry] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {t.name: t for t in self.tensors})

@@ -81,7 +81,7 @@ def quantize(source: Path | str, output: Path | str, recipe: str, **options: Any
 def plan(model: Path | str, *, hardware: str | None = None, n_ctx: int = 4096, kv_type: str = "f16"):
     """Where a GGUF's tensors would go on this machine (or on a named profile such as "4xH100")."""
     from smallfour.hardware import detect_hardware, profile
-    from smallfour.plan import plan_for_load
+    from smallfour.planner import plan_for_load
 
     machine = profile(hardware) if hardware is not None else detect_hardware()
     return plan_for_load(Path(model), n_ctx, kv_type, machine)

@@ -25,7 +25,7 @@ import os
 import secrets
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,8 @@ from smallfour.errors import SmallfourError
 from smallfour.messages import MessageError, check_messages
 
 if TYPE_CHECKING:
-    from smallfour.generate import ChatRequest, GenerationResult
+    from smallfour.completion import ChatRequest, Event, GenerationResult
+    from smallfour.model import Model
 
 URL = "/v1/chat/completions"
 METHOD = "POST"
@@ -456,9 +457,10 @@ class _StopStrings:
     def __init__(self, stop: tuple[str, ...]):
         self.stop, self.content, self.hit = stop, "", False
 
-    def on_text(self, channel: str, text: str) -> None:
-        if channel != "content" or self.hit:
+    def on_event(self, event: Event) -> None:
+        if event.kind != "content" or self.hit or not self.stop:
             return
+        text = event.text
         start = max(0, len(self.content) - max(map(len, self.stop)) + 1)
         self.content += text
         self.hit = any(s in self.content[start:] for s in self.stop)
@@ -466,47 +468,72 @@ class _StopStrings:
 
 def run_jobs(model: Model, jobs: list[Job], output: BatchOutput, *, model_name: str, done: Counter | None = None,
              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> BatchSummary:
-    """Run every job not already in the output, writing one line per job as it finishes.
+    """Run every job not already in the output on the engine's slots (`model.n_seq` at once).
 
-    `should_stop()` is polled after each token: when it turns true, the request in flight is
-    dropped (nothing written for it) and the summary says `interrupted`.
+    One line per job is written as it finishes, so lines come in the order requests finish, not
+    the input order; `custom_id` ties them to the input. `should_stop()` is polled after every
+    token: when it turns true, the requests in flight are dropped (nothing written for them) and
+    the summary says `interrupted`.
     """
-    from smallfour.generate import complete
+    from smallfour.engine import Engine
+    from smallfour.generate import prompt_with_images
 
     progress = progress or Progress()
-    todo = pending_jobs(jobs, done or Counter())
+    todo = deque(pending_jobs(jobs, done or Counter()))
     summary = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     progress.start(len(jobs), summary.skipped)
     started = time.perf_counter()
     stopped = should_stop or (lambda: False)
-    for job in todo:
+    engine = Engine(model)
+    running: list[tuple[Job, Any, _StopStrings]] = []
+
+    def write_error(job: Job) -> None:
+        output.write(error_line(job.custom_id, job.error))
+        summary.failed += 1
+        progress.advance(0, False)
+
+    while todo or running:
         if stopped():
             summary.interrupted = True
+            engine.cancel()
             break
-        tokens = 0
-        if job.error is None:
-            assert job.request is not None and job.custom_id is not None
-            watch = _StopStrings(job.stop)
-            try:
-                result = complete(model, job.request, on_text=watch.on_text if job.stop else None,
-                                  should_stop=lambda: watch.hit or stopped())
-            except SmallfourError as exc:
-                job.error = LineError("invalid_request", str(exc))
-            except Exception as exc:  # noqa: BLE001 — one failing request must not end the job
-                job.error = LineError("server_error", f"{type(exc).__name__}: {exc}")
+        while todo and len(engine.queue) + engine.active < len(engine.slots):
+            job = todo.popleft()
+            if job.error is None:
+                assert job.request is not None and job.custom_id is not None
+                watch = _StopStrings(job.stop)
+                try:
+                    _, tokens, spans = prompt_with_images(model, job.request)
+                    submitted = engine.submit(job.request, tokens, spans, should_stop=lambda w=watch: w.hit or stopped(),
+                                              on_event=watch.on_event)
+                except SmallfourError as exc:
+                    job.error = LineError("invalid_request", str(exc))
+                except Exception as exc:  # noqa: BLE001 — one failing request must not end the job
+                    job.error = LineError("server_error", f"{type(exc).__name__}: {exc}")
+                else:
+                    running.append((job, submitted, watch))
+                    continue
+            write_error(job)
+        if not running:
+            continue
+        engine.step()
+        still = []
+        for job, submitted, watch in running:
+            if not submitted.finished:
+                still.append((job, submitted, watch))
+            elif submitted.error is not None:
+                job.error = LineError("invalid_request", str(submitted.error))
+                write_error(job)
+            elif submitted.result.finish_reason == "interrupted" and not watch.hit:
+                summary.interrupted = True  # Ctrl-C: nothing is written for it
             else:
-                if stopped() and not watch.hit:
-                    summary.interrupted = True
-                    break
+                result = submitted.result
                 _apply_stop(result, job.stop)
                 output.write(success_line(job.custom_id, result, model_name))
-                tokens = result.completion_tokens
                 summary.succeeded += 1
-                summary.completion_tokens += tokens
-        if job.error is not None:
-            output.write(error_line(job.custom_id, job.error))
-            summary.failed += 1
-        progress.advance(tokens, job.error is None)
+                summary.completion_tokens += result.completion_tokens
+                progress.advance(result.completion_tokens, True)
+        running = still
     summary.seconds = time.perf_counter() - started
     return summary
 

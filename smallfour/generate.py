@@ -89,10 +89,10 @@ def _collect(events: Iterator[Event], on_text: Callable[[str, str], None] | None
 
 def one_shot(model_path: Path, request: ChatRequest, *, n_ctx: int = 4096, verbose: bool = False,
              kv_type: str = "f16", placement: Placement | None = None, n_threads: int | None = None,
-             on_text: Callable[[str, str], None] | None = None, mmproj: Path | None = None) -> GenerationResult:
+             n_threads_batch: int | None = None, on_text: Callable[[str, str], None] | None = None, mmproj: Path | None = None) -> GenerationResult:
     """Load, answer one request, free."""
     with Model.load(model_path, n_ctx=n_ctx, verbose=verbose, kv_type=kv_type, placement=placement,
-                    n_threads=n_threads) as model:
+                    n_threads=n_threads, n_threads_batch=n_threads_batch) as model:
         if mmproj is not None:
             from smallfour.vision import attach_projector, open_projector
 

@@ -46,7 +46,7 @@ def placement_for(model: Path, *, n_ctx: int, kv_type: str, cpu_experts: str, ov
     Either way a model the planner says cannot fit is refused unless `force`.
     """
     from smallfour.placement import Placement, parse_override, parse_tensor_split, split_for_gpus
-    from smallfour.plan import plan_for_load
+    from smallfour.planner import plan_for_load
 
     if plan not in ("auto", "check"):
         raise SmallfourError(f"--plan {plan!r}: expected auto or check")

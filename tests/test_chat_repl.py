@@ -109,7 +109,7 @@ def test_thinking_is_folded_and_shown_on_request():
 
     result = GenerationResult(content="A spider has **8** legs.", reasoning_content="Let me count the legs.",
                               reasoning_tokens=6, completion_tokens=14, finish_reason="stop")
-    session = Session(llm=None, preset="think")
+    session = Session(model=None, preset="think")
     session.last = TurnStats(result, "high", 0, 20, False, 34, 2048)
     _show_result(console, session.last, resolve_request([], preset="think"), rendered=True)
     folded = console.export_text()

@@ -175,13 +175,13 @@ def test_shared_options_read_the_same_everywhere():
     from smallfour.cli import app
 
     commands = get_command(app).commands
+    loaders = ("run", "chat", "batch", "imatrix")
     shared = {"--ctx": ("run", "chat", "batch", "plan"), "--mmproj": ("run", "chat", "batch"),
-              "--preset": ("run", "chat", "batch"), "--kv-type": ("run", "chat", "batch", "imatrix", "plan"),
-              "--think-budget": ("run", "chat", "batch"), "--json": ("run", "inspect", "pull", "models", "doctor", "plan"),
-              "--recipe": ("convert", "quantize", "plan"), "--imatrix": ("convert", "quantize"),
-              "--cpu-experts": ("run", "chat", "batch", "imatrix"), "--verbose": ("run", "chat", "batch", "imatrix", "demo")}
+              "--preset": ("run", "chat", "batch"), "--think-budget": ("run", "chat", "batch"),
+              "--kv-type": (*loaders, "plan"), "--cpu-experts": loaders, "--verbose": (*loaders, "demo"),
+              "--json": ("run", "inspect", "pull", "models", "doctor", "plan"),
+              "--recipe": ("convert", "quantize", "plan"), "--imatrix": ("convert", "quantize")}
     for flag, names in shared.items():
         options = [next(p for p in commands[name].params if flag in p.opts) for name in names]
-        assert len({(o.help, tuple(o.opts)) for o in options}) == 1, flag
-        assert len({o.default for o in options if o.required is False and o.default is not None}) <= 1 or \
-            flag == "--recipe", flag  # plan and convert default to bf16; quantize requires one
+        assert len({(o.help, tuple(o.opts)) for o in options}) == 1, flag  # one name, one help text
+        assert len({repr(o.default) for o in options if not o.required}) == 1, flag  # one default

@@ -51,7 +51,7 @@ def test_cpu_experts_pins_exactly_what_the_planner_counts(cpu_experts):
     """`--cpu-experts N` matches the expert tensors of layers 0…N-1 and no others (blk.1 never matches blk.1x)."""
     from smallfour.placement import expert_overrides
     from smallfour.inventory import real_model
-    from smallfour.plan import CPU, Layout
+    from smallfour.planner import CPU, Layout
 
     model = real_model("q8_0")
     (pattern, device), = expert_overrides(str(cpu_experts), model.n_layers)
@@ -64,7 +64,7 @@ def test_cpu_experts_pins_exactly_what_the_planner_counts(cpu_experts):
 def test_planned_override_moves_the_bytes_the_plan_puts_in_ram():
     from smallfour.hardware import profile
     from smallfour.inventory import real_model
-    from smallfour.plan import Settings, plan
+    from smallfour.planner import Settings, plan
 
     model = real_model("q8_0")
     p = plan(model, profile("24GB+128GB"), Settings(n_ctx=32768))

@@ -18,7 +18,7 @@ from smallfour import hardware as hw
 from smallfour import inventory
 from smallfour.hardware import PROFILES, GiB, detect_hardware, profile
 from smallfour.inventory import load_config, model_from_config, model_from_gguf, real_model
-from smallfour.plan import (GB, GPU_RUNTIME_BYTES, MMPROJ_ESTIMATE_BYTES, VISION_COMPUTE_BYTES, Settings,
+from smallfour.planner import (GB, GPU_RUNTIME_BYTES, MMPROJ_ESTIMATE_BYTES, VISION_COMPUTE_BYTES, Settings,
                             compute_bytes, kv_bytes_per_token, plan, plan_for_load)
 from helpers import assert_one_line_error, run_cli
 

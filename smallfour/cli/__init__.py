@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from smallfour.cli import (batch, chat, convert, demo, doctor, imatrix, inspect, plan, quantize, run, store)
+from smallfour.cli import batch, chat, convert, demo, doctor, imatrix, inspect, plan, quantize, run, store
 from smallfour.console import err
 from smallfour.errors import SmallfourError
 
@@ -43,11 +43,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _name, _command in (("convert", convert.convert), ("inspect", inspect.inspect), ("run", run.run),
-                        ("demo", demo.demo), ("chat", chat.chat), ("batch", batch.batch), ("pull", store.pull),
-                        ("models", store.models), ("rm", store.rm), ("doctor", doctor.doctor), ("plan", plan.plan),
-                        ("quantize", quantize.quantize), ("imatrix", imatrix.imatrix)):
-    app.command(name=_name)(_command)
+app.command(name="convert")(convert.convert)
+app.command(name="inspect")(inspect.inspect)
+app.command(name="run")(run.run)
+app.command(name="demo")(demo.demo)
+app.command(name="chat")(chat.chat)
+app.command(name="batch")(batch.batch)
+app.command(name="pull")(store.pull)
+app.command(name="models")(store.models)
+app.command(name="rm")(store.rm)
+app.command(name="doctor")(doctor.doctor)
+app.command(name="plan")(plan.plan)
+app.command(name="quantize")(quantize.quantize)
+app.command(name="imatrix")(imatrix.imatrix)
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from smallfour.batch import Progress
-from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, Ctx, Mmproj, ModelRef, Preset, ThinkBudget, Verbose,
-                                   with_placement_options)
+from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, Ctx, Mmproj, ModelRef, Parallel, Preset, ThinkBudget,
+                                   Threads, ThreadsBatch, Verbose, with_placement_options)
 from smallfour.console import err, progress_bars
 from smallfour.errors import SmallfourError
 from smallfour.interrupt import Interrupt
@@ -63,6 +63,9 @@ def batch(
     think_budget: ThinkBudget = None,
     ctx: Ctx = DEFAULT_CTX,
     mmproj: Mmproj = None,
+    parallel: Parallel = None,
+    threads: Threads = None,
+    threads_batch: ThreadsBatch = None,
     verbose: Verbose = False,
     placement: PlacementFlags = None,
 ) -> None:
@@ -77,22 +80,28 @@ def batch(
     """
     from smallfour.batch import BatchOutput, load_projector, parse_jobs, read_input, run_jobs
     from smallfour.generate import PRESETS
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
+    from smallfour.planner import sequences_that_fit
     from smallfour.store import resolve_gguf
 
     if preset not in PRESETS:
         raise SmallfourError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     path = resolve_gguf(model)
-    layout = placement.resolve(path, ctx)
+    lines = read_input(input_file)
+    requests = sum(1 for line in lines if line.strip())
+    if parallel is None:
+        parallel = sequences_that_fit(path, ctx, placement.kv_type, flash_attn=placement.flash_attn,
+                                      most=max(1, min(8, requests)))
+    layout = placement.resolve(path, ctx * parallel)
     output_path = None if output == "-" else Path(output)
     if output_path is not None and input_file != "-" and output_path.exists() and Path(input_file).exists() \
             and output_path.resolve() == Path(input_file).resolve():
         raise SmallfourError("OUTPUT must not be the INPUT file")
-    lines = read_input(input_file)
     sink, done = BatchOutput.open(output_path, resume=resume, overwrite=overwrite)
     try:
-        llm = load_model(path, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, placement=layout)
-        jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab())
+        llm = Model.load(path, n_ctx=ctx, n_seq=parallel, verbose=verbose, kv_type=placement.kv_type,
+                         placement=layout, n_threads=threads, n_threads_batch=threads_batch)
+        jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab)
         load_projector(llm, path, mmproj, jobs, gpu=layout.n_gpu_layers != 0)
         model_name = path.name.removesuffix(".gguf")
         with Interrupt() as interrupt, _Bars() as bars:

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.text import Text
 
 from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, Ctx, Effort, MaxTokens, Mmproj, ModelRef, Preset, Seed,
-                                   System, Temperature, ThinkBudget, TopK, TopP, Verbose, with_placement_options)
+                                   System, Temperature, ThinkBudget, Threads, ThreadsBatch, TopK, TopP, Verbose,
+                                   with_placement_options)
 from smallfour.console import stderr
 from smallfour.placing import PlacementFlags
 
@@ -27,6 +28,8 @@ def chat(
     seed: Seed = None,
     ctx: Ctx = DEFAULT_CTX,
     mmproj: Mmproj = None,
+    threads: Threads = None,
+    threads_batch: ThreadsBatch = None,
     verbose: Verbose = False,
     placement: PlacementFlags = None,
 ) -> None:
@@ -36,22 +39,22 @@ def chat(
     conversation must fit in --ctx. Thinking shows dimmed, then folds to one line (/think); answers render as Markdown.
     """
     from smallfour.chat import LineEditor, Session, history_file, repl
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
     from smallfour.store import resolve_gguf
 
     model = resolve_gguf(model)
     overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                                       seed=seed, think_budget=think_budget).items() if v is not None}
-    session = Session(llm=None, preset=preset, effort=effort, system=system, overrides=overrides, model=model,
+    session = Session(model=None, preset=preset, effort=effort, system=system, overrides=overrides, model_path=model,
                       mmproj=mmproj)
     session.request()  # bad --preset / --effort fail here, before the model loads
     layout = placement.resolve(model, ctx)
     console = Console(highlight=False)
     with stderr.status(f"loading {model.name}…", spinner="dots") if not verbose else nullcontext():
-        session.llm = load_model(model, n_ctx=ctx, seed=seed, verbose=verbose, kv_type=placement.kv_type,
-                                 placement=layout)
+        session.model = Model.load(model, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, placement=layout,
+                                   n_threads=threads, n_threads_batch=threads_batch)
     request = session.request()
-    console.print(Text.assemble(("smallfour chat", "bold"), f"  {model.name}  ctx {session.llm.n_ctx()}, preset "
+    console.print(Text.assemble(("smallfour chat", "bold"), f"  {model.name}  ctx {session.model.n_ctx}, preset "
                                 f"{session.preset}, effort {request.effort}", style=None), soft_wrap=True)
     console.print(Text("/help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves.", style="dim"))
     editor = LineEditor(history_file())

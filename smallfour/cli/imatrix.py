@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from smallfour.cli.options import ModelRef, Verbose, with_placement_options
+from smallfour.cli.options import ModelRef, Threads, Verbose, with_placement_options
 from smallfour.console import err, progress_bars
 from smallfour.imatrix import MIN_DENSE_ROWS
 from smallfour.placing import PlacementFlags
@@ -23,8 +23,7 @@ def imatrix(
                                                                        "-c).")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Most chunks to process (default: "
                                                                           "all).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for "
-                                                                                  "llama.cpp.")] = None,
+    threads: Threads = None,
     verbose: Verbose = False,
     placement: PlacementFlags = None,
 ) -> None:

@@ -33,6 +33,13 @@ Mmproj = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision project
 System = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Show llama.cpp's own log on stderr.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for generating "
+                                                "(default: the physical cores, as llama.cpp chooses).")]
+ThreadsBatch = Annotated[Optional[int], typer.Option("--threads-batch", min=1, help="CPU threads for reading "
+                                                     "prompts (default: all cores, or --threads if given).")]
+Parallel = Annotated[Optional[int], typer.Option("--parallel", "-np", min=1, help="Requests generated at once, "
+                                                 "each with its own --ctx (default: as many as the plan fits, "
+                                                 "at most 8).")]
 
 # --- generation: None keeps the preset's value --------------------------------------------------
 

@@ -1,6 +1,6 @@
 """`smallfour plan`: where a model would go on this machine (or a named one), as tables or JSON.
 
-The planning itself is `smallfour.plan`; this module reads the options, picks the
+The planning itself is `smallfour.planner`; this module reads the options, picks the
 model (a GGUF, a checkpoint config, or the built-in real Mistral Small 4 config) and
 the hardware (a profile, `--gpu`/`--ram`, or this machine), and prints the result.
 Heavy imports (gguf pulls in mistral-common) wait until the command runs.
@@ -20,7 +20,7 @@ from smallfour.console import out
 from smallfour.errors import SmallfourError
 
 if TYPE_CHECKING:
-    from smallfour.plan import DevicePlan, Plan
+    from smallfour.planner import DevicePlan, Plan
 
 # Kept literal so `--help` costs no gguf import; tests check it lists every profile.
 PROFILE_NAMES = "4xH100, 2xH200, 1xH100+256GB, 24GB+128GB, cpu-96GB"
@@ -52,8 +52,8 @@ def plan(
     gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="A GPU, repeated per GPU: h100, h200, a100, "
                                                                    "rtx4090, or a size like 80GB (GB = GiB), "
                                                                    "optionally @BANDWIDTH (24GB@1TB/s).")] = None,
-    ram: Annotated[Optional[str], typer.Option("--ram", help="CPU RAM, e.g. 128GB or 256GB@300GB/s "
-                                                             "(default bandwidth: dual-channel DDR5, 80 GB/s).")] = None,
+    ram: Annotated[Optional[str], typer.Option("--ram", help="CPU RAM, e.g. 128GB or 256GB@300GB/s (default "
+                                                             "bandwidth: dual-channel DDR5, 80 GB/s).")] = None,
     ctx: Ctx = DEFAULT_CTX,
     kv_type: KvType = DEFAULT_KV_TYPE,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompt batch (llama.cpp n_batch = "
@@ -72,7 +72,7 @@ def plan(
     --recipe applies to --config and --model; a GGUF has its own types.
     """
     from smallfour import inventory
-    from smallfour import plan as planner
+    from smallfour import planner
 
     the_model = _model(inventory, model, config, builtin, recipe)
     hardware = _hardware(hw_profile, gpu or [], ram)

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, AsJson, Ctx, Effort, MaxTokens, Mmproj, ModelRef,
-                                   Preset, Seed, System, Temperature, ThinkBudget, TopK, TopP, Verbose,
-                                   with_placement_options)
+                                   Preset, Seed, System, Temperature, ThinkBudget, Threads, ThreadsBatch, TopK,
+                                   TopP, Verbose, with_placement_options)
 from smallfour.console import err
 from smallfour.errors import SmallfourError
 from smallfour.messages import load_messages, read_json_file
@@ -68,6 +68,8 @@ def run(
     as_json: AsJson = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Render and tokenize the prompt, generate nothing; "
                                                             "with --json prints {prompt, tokens}.")] = False,
+    threads: Threads = None,
+    threads_batch: ThreadsBatch = None,
     verbose: Verbose = False,
     placement: PlacementFlags = None,
 ) -> None:
@@ -93,7 +95,8 @@ def run(
         print(json.dumps({"prompt": text, "tokens": tokens}, ensure_ascii=False) if as_json else text)
         return
     stream = None if as_json else functools.partial(_stream, hide_thinking=hide_thinking)
-    result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type,
+    result = one_shot(model, request, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, n_threads=threads,
+                      n_threads_batch=threads_batch,
                       placement=placement.resolve(model, ctx, mmproj=projector), on_text=stream, mmproj=projector)
     if as_json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
