@@ -83,7 +83,7 @@ def main() -> None:
     from quant.recipes import load_recipe, preset_names
     from smallfour.fixtures.trained import calibration_text, heldout_text, trained_checkpoint
     from smallfour.imatrix import collect_imatrix
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="quant-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,8 @@ def main() -> None:
     variants = build_variants(work, checkpoint, imatrix, recipes, log=lambda m: print(m, flush=True),
                               reuse=args.reuse)
 
-    chunks = text_chunks(load_model(f32, n_ctx=args.ctx), heldout_text().read_text(), args.ctx)[: args.chunks]
+    with Model.load(f32, n_ctx=args.ctx, vocab_only=True) as model:
+        chunks = text_chunks(model, heldout_text().read_text(), args.ctx)[: args.chunks]
     results = measure(f32, {label: path for label, (path, _, _) in variants.items()}, chunks, args.ctx)
     base = measure(f32, {"f32": f32}, chunks[:2], args.ctx)["f32"]
     print(f"held-out: {len(chunks)} chunks × {args.ctx} tokens; f32 self-KL {base.kl:.1e}; "

@@ -37,10 +37,10 @@ class Divergence:
         return float(np.exp(self.nll_sum / max(self.positions, 1)))
 
 
-def text_chunks(llm, text: str, n_ctx: int) -> list[list[int]]:
+def text_chunks(model, text: str, n_ctx: int) -> list[list[int]]:
     """The text's tokens in whole chunks of `n_ctx`, each starting with `<s>` (as llama-perplexity does)."""
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-    bos = llm.token_bos()
+    tokens = model.tokenize(text, add_bos=True)
+    bos = model.bos
     return [[bos, *tokens[i * n_ctx + 1:(i + 1) * n_ctx]] for i in range(len(tokens) // n_ctx)]
 
 
@@ -49,35 +49,29 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def chunk_logits(llm, chunk: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(chunk)
-    return np.array(llm.scores[: len(chunk)], dtype=np.float32)
-
-
 def measure(reference: Path, variants: dict[str, Path], chunks: list[list[int]], n_ctx: int,
             threads: int | None = None, group: int = 6) -> dict[str, Divergence]:
     """KL / top-1 / perplexity of every variant against `reference` over `chunks`.
 
     At most `group` variants are loaded at once (the reference runs again for each group).
     """
-    from smallfour.runtime import load_model
+    from smallfour.model import Model
 
-    def load(path: Path):
-        return load_model(path, n_ctx=n_ctx, logits_all=True, kv_type="f32", n_threads=threads)
+    def load(path: Path) -> Model:
+        return Model.load(path, n_ctx=n_ctx, kv_type="f32", n_threads=threads)
 
     results = {label: Divergence() for label in variants}
     labels = list(variants)
-    ref_llm = load(reference)
+    ref_model = load(reference)
     for first in range(0, len(labels), group):
         models = {label: load(variants[label]) for label in labels[first:first + group]}
         for chunk in chunks:
-            ref = log_softmax(chunk_logits(ref_llm, chunk))[:-1]
+            ref = log_softmax(ref_model.evaluate(chunk))[:-1]
             p = np.exp(ref)
             ref_top = ref.argmax(-1)
             targets = np.array(chunk[1:])
-            for label, llm in models.items():
-                got = log_softmax(chunk_logits(llm, chunk))[:-1]
+            for label, model in models.items():
+                got = log_softmax(model.evaluate(chunk))[:-1]
                 kl = (p * (ref - got)).sum(-1)
                 r = results[label]
                 r.positions += len(kl)
@@ -85,7 +79,8 @@ def measure(reference: Path, variants: dict[str, Path], chunks: list[list[int]],
                 r.kl_max = max(r.kl_max, float(kl.max()))
                 r.top1_same += int((got.argmax(-1) == ref_top).sum())
                 r.nll_sum += float(-got[np.arange(len(targets)), targets].sum())
-        for llm in models.values():
-            llm.close()
+        for model in models.values():
+            model.close()
         del models
+    ref_model.close()
     return results

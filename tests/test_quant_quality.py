@@ -57,15 +57,15 @@ def test_trained_fixture_converts_exactly_and_has_learnt(trained, tmp_path_facto
 
     checkpoint, f32, _, _ = trained
     seed, chunks = heldout_sample(f32, 2)
-    model = reference_model(checkpoint, tmp_path_factory.getbasetemp())
-    ref = reference_logits(model, chunks[0])
+    reference = reference_model(checkpoint, tmp_path_factory.getbasetemp())
+    ref = reference_logits(reference, chunks[0])
     with Model.load(f32, n_ctx=N_CTX, kv_type="f32") as model:
         got = model.evaluate(chunks[0])
     error = np.abs(got - ref).max() / np.abs(ref).max()
     assert error < 1e-3, f"seed {seed}: relative error {error:.2e} vs transformers"
     # Next-token accuracy on text it never saw: measured 11-41 % per chunk, 21 % on average;
     # a uniform guess among the 4,911 tokens with their own output row scores 0.02 %.
-    predictions = [got[:-1], reference_logits(model, chunks[1])[:-1]]
+    predictions = [got[:-1], reference_logits(reference, chunks[1])[:-1]]
     accuracy = np.mean([(p.argmax(-1) == np.array(c[1:])).mean() for p, c in zip(predictions, chunks)])
     assert accuracy > 0.08, f"seed {seed}: held-out next-token accuracy {accuracy:.3f}; the fixture did not learn"
     assert load_spec().hidden_size % 256 == 0 and load_spec().expert_ff % 256 == 0  # K-quant rows
