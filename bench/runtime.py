@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from convert.writer import convert_checkpoint  # noqa: E402
 from smallfour.fixtures.checkpoint import FixtureSpec, build_fixture  # noqa: E402
-from smallfour.generate import ChatRequest, Sampling, continue_tokens  # noqa: E402
+from smallfour.generation import ChatRequest, Sampling, continue_tokens  # noqa: E402
 from smallfour.model import Model  # noqa: E402
 
 # docs/benchmarks.md is written through bench/convert.py's section writer (a file, not a package).
@@ -92,7 +92,7 @@ def reference_run(llm: Model, prompt: list[int], n_decode: int) -> tuple[float, 
 
 
 def smallfour_run(llm: Model, prompt: list[int], n_decode: int) -> tuple[float, float]:
-    """Prefill and decode seconds through `smallfour.generate.complete`, greedy, same tokens."""
+    """Prefill and decode seconds through `smallfour.generation.complete`, greedy, same tokens."""
     llm.reset()  # forget the previous round: the whole prompt is evaluated again
     # A plain request, as users send them. Should the model end early (EOS), its decode time is
     # scaled to n_decode tokens: the table compares per-token rates.
@@ -161,7 +161,7 @@ def main() -> None:
         "",
         *table,
         "",
-        "Overhead = how much slower smallfour's loop (`smallfour.generate.continue_tokens`: llama.cpp's "
+        "Overhead = how much slower smallfour's loop (`smallfour.generation.continue_tokens`: llama.cpp's "
         "sampler chain, channel tracking, incremental UTF-8 decoding) is than the bare C API loop on the same "
         "loaded model, for a plain request; negative means within noise of the reference. Target: ≤ 3 %. "
         "`logit_bias` runs in llama.cpp's own sampler and the thinking budget forces `[/THINK]` without "

@@ -1,4 +1,4 @@
-"""Conversion errors: the error root of the bottom layer, named for the checkpoint → GGUF work."""
+"""Conversion errors: a `SmallfourError` (root in `quant.errors`), named for the checkpoint → GGUF work."""
 
 from quant.errors import SmallfourError
 

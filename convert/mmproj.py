@@ -185,22 +185,41 @@ def plan_mmproj(ckpt: Checkpoint, cfg: VisionConfig, matrix_type: GGMLQuantizati
     return planned
 
 
-def convert_mmproj(ckpt: Checkpoint, output: Path, mmproj_type: str = DEFAULT_MMPROJ_TYPE, *,
-                   force: bool = False) -> MmprojReport:
-    """Write the mmproj GGUF of an open checkpoint to `output` (temporary name, then renamed)."""
+@dataclass(frozen=True)
+class MmprojPlan:
+    """What a projector GGUF will hold, decided (and checked) before anything is written."""
 
-    output = Path(output)
+    name: str
+    cfg: VisionConfig
+    file_type: LlamaFileType
+    tensors: list[MmprojTensor]
+
+
+def plan_projector(ckpt: Checkpoint, mmproj_type: str = DEFAULT_MMPROJ_TYPE) -> MmprojPlan:
+    """Check the type, the vision config and the tensors a projector needs; nothing is written."""
     try:
         matrix_type, file_type = MMPROJ_TYPES[mmproj_type.lower()]
     except KeyError:
         raise ConversionError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}") \
             from None
-    check_output_path(output, force)
     cfg = vision_config(ckpt)
-    planned = plan_mmproj(ckpt, cfg, matrix_type)
+    return MmprojPlan(ckpt.path.name, cfg, file_type, plan_mmproj(ckpt, cfg, matrix_type))
+
+
+def write_projector(plan: MmprojPlan, path: Path) -> int:
+    """Write a planned projector to `path` (the caller's temporary name); the bytes of tensor data written."""
+    return _write(path, plan.name, plan.cfg, plan.file_type, plan.tensors)
+
+
+def convert_mmproj(ckpt: Checkpoint, output: Path, mmproj_type: str = DEFAULT_MMPROJ_TYPE, *,
+                   force: bool = False) -> MmprojReport:
+    """Write the mmproj GGUF of an open checkpoint to `output` alone (temporary name, then renamed)."""
+    output = Path(output)
+    check_output_path(output, force)
+    plan = plan_projector(ckpt, mmproj_type)
     with atomic_output(output) as temporary:
-        written = _write(temporary, ckpt.path.name, cfg, file_type, planned)
-    return MmprojReport(output, len(planned), written)
+        written = write_projector(plan, temporary)
+    return MmprojReport(output, len(plan.tensors), written)
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], matrix_type: GGMLQuantizationType) -> GGMLQuantizationType:

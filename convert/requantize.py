@@ -17,7 +17,7 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, GGMLQuantizationType, GGU
 
 from convert.errors import ConversionError
 from convert.mistral4 import CHUNK_ELEMENTS
-from convert.output import NoProgress, Progress, atomic_output, check_output_path
+from convert.output import NoProgress, Progress, atomic_output, check_outputs
 from quant.gguf_io import MAGIC, GGUFHeader, pack_kv, read_header, read_tensor
 from quant.imatrix import load_importance, tensor_importance
 from quant.names import layer_of, role_of
@@ -46,9 +46,7 @@ def requantize(source: Path, output: Path, recipe: str, *, force: bool = False, 
     source, output = Path(source), Path(output)
     if not source.is_file():
         raise ConversionError(f"{source} does not exist")
-    check_output_path(output, force)
-    if source.resolve() == output.resolve():
-        raise ConversionError("the output must be a different file from the input")
+    check_outputs([output], [source, *([Path(imatrix)] if imatrix is not None else [])], force=force)
     validate_recipe_spec(recipe)
     importance = load_importance(imatrix)
     header = read_header(source)
@@ -75,7 +73,7 @@ def requantize(source: Path, output: Path, recipe: str, *, force: bool = False, 
     if imatrix is not None:
         new_kv.append(pack_kv(METADATA_IMATRIX, Path(imatrix).name, GGUFValueType.STRING))
     progress = progress or NoProgress()
-    with atomic_output(output) as temporary, open(temporary, "wb") as out:
+    with atomic_output(output, note=progress.note) as temporary, open(temporary, "wb") as out:
         written = _write(out, header, kept, new_kv, slots, choices, importance, threads, progress)
         out.flush()
         os.fsync(out.fileno())

@@ -141,20 +141,36 @@ def _parse_header(file, size: int, path: Path) -> tuple[dict[str, TensorEntry], 
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise corrupt("__metadata__ is not a JSON object")
     data_size = size - 8 - header_len
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"tensor {name!r} has a malformed entry") from None
+        # Every field is checked for its JSON type: a wrong one must be a one-line error, not a TypeError.
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
+                or not isinstance(shape, list) or not all(_count(d) for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets)):
+            raise corrupt(f"tensor {name!r} has a malformed entry (dtype a string, shape and data_offsets lists of "
+                          "non-negative integers)")
+        dtype, (begin, end) = info["dtype"], offsets
         if dtype not in DTYPE_SIZES:
             raise corrupt(f"tensor {name!r} has unknown dtype {dtype!r}")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dtype]
         if not (0 <= begin <= end <= data_size) or end - begin != expected:
             raise corrupt(f"tensor {name!r} data offsets {begin}..{end} do not match its shape or the file size")
-        entries[name] = TensorEntry(dtype, shape, begin, end)
+        entries[name] = TensorEntry(dtype, tuple(shape), begin, end)
+    # Two tensors sharing bytes would make one overwrite the other's meaning: refuse any overlap.
+    ordered = sorted(((e.begin, e.end, n) for n, e in entries.items() if e.end > e.begin))
+    for (_, previous_end, previous), (begin, _, name) in zip(ordered, ordered[1:]):
+        if begin < previous_end:
+            raise corrupt(f"tensors {previous!r} and {name!r} overlap in the data")
     return entries, metadata, 8 + header_len
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:

@@ -17,10 +17,10 @@ import numpy as np
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import TextConfig
 from convert.errors import ConversionError
-from convert.output import NoProgress, Progress, atomic_output, check_output_path
+from convert.output import NoProgress, Progress, atomic_outputs, check_outputs
 from convert.mistral4 import PlannedTensor, plan_tensors
-from convert.mmproj import (DEFAULT_MMPROJ_TYPE, MMPROJ_TYPES, MmprojReport, convert_mmproj, has_vision, mmproj_path,
-                            vision_config)
+from convert.mmproj import (DEFAULT_MMPROJ_TYPE, MmprojReport, has_vision, mmproj_path, plan_projector,
+                            write_projector)
 from convert.vocab import add_vocabulary
 from quant.imatrix import load_importance, tensor_importance
 from quant.pipeline import (Encoder, add_recipe_metadata, assign_types, check_requirements, fallback_lines,
@@ -50,33 +50,41 @@ def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, forc
     """Convert a Mistral Small 4 checkpoint directory (either layout) to a GGUF file.
 
     With `mmproj`, a checkpoint that has a vision tower also gets its projector GGUF
-    (`mmproj_output`, by default `OUT-mmproj.gguf` beside the model).
+    (`mmproj_output`, by default `OUT-mmproj.gguf` beside the model). The two files are one
+    transaction: both land, or neither does. Every check that can fail runs before the
+    long text conversion.
     """
-    output = Path(output)
-    check_output_path(output, force)
+    output, source = Path(output), Path(source)
+    progress = progress or NoProgress()
+    inputs = _inputs(source) + [Path(p) for p in (imatrix, recipe) if p is not None and Path(p).is_file()]
+    check_outputs([output], inputs, force=force)
     validate_recipe_spec(recipe)  # an unknown recipe fails before any work
     importance = load_importance(imatrix)
-    ckpt = open_checkpoint(Path(source))
+    ckpt = open_checkpoint(source)
     try:
-        projector = None
+        outputs, projector = [output], None
         if mmproj and (mmproj_output is not None or has_vision(ckpt)):
-            projector = Path(mmproj_output) if mmproj_output is not None else mmproj_path(output)
-            # Checked before the long text conversion, not after it.
-            check_output_path(projector, force)
-            if mmproj_type.lower() not in MMPROJ_TYPES:
-                raise ConversionError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
-            vision_config(ckpt)
+            outputs.append(Path(mmproj_output) if mmproj_output is not None else mmproj_path(output))
+            check_outputs(outputs, inputs, force=force)
+            projector = plan_projector(ckpt, mmproj_type)
         planned = plan_tensors(ckpt)
         total_source = sum(t.source_bytes for t in planned)
-        with atomic_output(output) as temporary:
-            report = _write(ckpt, planned, temporary, recipe, progress or NoProgress(), importance, threads,
-                            imatrix)
-        if projector is not None:
-            report.mmproj = convert_mmproj(ckpt, projector, mmproj_type, force=force)
+        with atomic_outputs(*outputs, note=progress.note) as temporaries:
+            report = _write(ckpt, planned, temporaries[0], recipe, progress, importance, threads, imatrix)
+            if projector is not None:
+                written = write_projector(projector, temporaries[1])
+                report.mmproj = MmprojReport(outputs[1], len(projector.tensors), written)
     finally:
         ckpt.close()
     report.output, report.source_bytes = output, total_source
     return report
+
+
+def _inputs(source: Path) -> list[Path]:
+    """The files a conversion reads (a directory's files, or a file itself), which no output may overwrite."""
+    if source.is_dir():
+        return [p for p in source.iterdir() if p.is_file()]
+    return [source]
 
 
 def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_spec: str, progress: Progress,

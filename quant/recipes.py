@@ -7,6 +7,7 @@ split into the type's blocks falls back to F16, reported so the user sees it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,27 +150,44 @@ def parse_type(text: str, where: str = "recipe") -> GGMLQuantizationType:
     return qtype
 
 
-def _layer_items(spec: str, n_layers: int) -> set[int]:
-    """"0-3, 7, first:2, last:12%" → layer indices (of a model with n_layers layers)."""
-    chosen: set[int] = set()
+@functools.lru_cache(maxsize=256)
+def layer_ranges(spec: str) -> tuple[tuple[str, float, float, bool], ...]:
+    """"0-3, 7, first:2, last:12%" → ranges kept as ranges: ("span", lo, hi, False) or ("first"/"last", N, 0, is %).
+
+    A range is never expanded into its members, so "0-30000000" costs what "0-3" costs.
+    """
+    items = []
     for item in str(spec).split(","):
         item = item.strip().replace(" ", "")
         if not item:
             continue
         m = re.fullmatch(r"(first|last):(\d+(?:\.\d+)?)(%?)", item)
         if m:
-            count = float(m.group(2))
-            count = int(np.ceil(count * n_layers / 100)) if m.group(3) else int(count)
-            count = min(max(count, 1 if m.group(3) else count), n_layers)
-            chosen |= set(range(count)) if m.group(1) == "first" else set(range(n_layers - count, n_layers))
+            items.append((m.group(1), float(m.group(2)), 0.0, bool(m.group(3))))
             continue
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
         if not m:
             raise SmallfourError(f"recipe layers {spec!r}: cannot read {item!r} "
                                  "(write e.g. \"0-3, 7, first:2, last:10%\")")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        chosen |= set(range(lo, hi + 1))
-    return chosen
+        if hi < lo:
+            raise SmallfourError(f"recipe layers {spec!r}: {item!r} ends before it starts")
+        items.append(("span", float(lo), float(hi), False))
+    return tuple(items)
+
+
+def in_layers(spec: str, layer: int, n_layers: int) -> bool:
+    """Whether `layer` (of a model with n_layers layers) is one of the layers `spec` names."""
+    for kind, a, b, percent in layer_ranges(spec):
+        if kind == "span":
+            if a <= layer <= b:
+                return True
+            continue
+        count = int(np.ceil(a * n_layers / 100)) if percent else int(a)
+        count = min(max(count, 1 if percent else count), n_layers)
+        if (kind == "first" and layer < count) or (kind == "last" and layer >= n_layers - count):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -185,7 +203,7 @@ class Rule:
             return False
         if self.tensor is not None and base_name(name) != self.tensor:
             return False
-        if self.layers is not None and (layer is None or layer not in _layer_items(self.layers, n_layers)):
+        if self.layers is not None and (layer is None or not in_layers(self.layers, layer, n_layers)):
             return False
         return self.pattern is None or re.search(self.pattern, name) is not None
 
@@ -247,7 +265,13 @@ def load_recipe(spec: str) -> Recipe:
     if text.endswith(".toml") or path.is_file():
         if not path.is_file():
             raise SmallfourError(f"recipe file {path} does not exist")
-        return parse_recipe(path.read_text(encoding="utf-8"), path.stem, str(path))
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SmallfourError(f"recipe file {path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise SmallfourError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
+        return parse_recipe(source, path.stem, str(path))
     preset = PRESET_DIR / f"{text.lower()}.toml"
     if preset.is_file():
         return parse_recipe(preset.read_text(encoding="utf-8"), preset.stem, f"preset {preset.stem}")
@@ -261,6 +285,32 @@ def load_recipe(spec: str) -> Recipe:
                          f"a preset ({', '.join(preset_names())}), fit:SIZE or a .toml file")
 
 
+# The recipe schema: per table, each key and the types its value may have.
+RECIPE_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "description": (str,), "default": (str,)}
+RULE_KEYS: dict[str, tuple[type, ...]] = {"type": (str,), "role": (str,), "tensor": (str,), "layers": (str, int),
+                                          "pattern": (str,)}
+TYPE_NAMES = {str: "a string", int: "an integer", dict: "a table", list: "an array"}
+
+
+def _check_table(value, keys: dict[str, tuple[type, ...]], where: str, section: str, noun: str = "key") -> dict:
+    """`value` if it is a table holding only `keys`, each of an allowed type; a one-line error naming the key else."""
+    if not isinstance(value, dict):
+        raise SmallfourError(f"{where}: {section} must be a table, not {_kind(value)}")
+    for key, item in value.items():
+        if key not in keys:
+            raise SmallfourError(f"{where}: unknown {noun} {key!r} in {section}; {noun}s: {', '.join(keys)}")
+        if not isinstance(item, keys[key]) or isinstance(item, bool):
+            wanted = " or ".join(TYPE_NAMES[t] for t in keys[key])
+            raise SmallfourError(f"{where}: {section} {key} must be {wanted}, not {_kind(item)}")
+    return value
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return next((name for t, name in TYPE_NAMES.items() if isinstance(value, t)), type(value).__name__)
+
+
 def parse_recipe(source: str, default_name: str, where: str) -> Recipe:
     try:
         data = tomllib.loads(source)
@@ -270,20 +320,20 @@ def parse_recipe(source: str, default_name: str, where: str) -> Recipe:
     if unknown:
         raise SmallfourError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; "
                              "expected [recipe], [roles], [[rules]]")
-    head = data.get("recipe", {})
+    head = _check_table(data.get("recipe", {}), RECIPE_KEYS, where, "[recipe]")
     if "default" not in head:
         raise SmallfourError(f"{where}: [recipe] needs a default type (e.g. default = \"Q4_K\")")
     roles = []
-    for role, qtype in data.get("roles", {}).items():
-        if role not in QUANTIZED_ROLES:
-            raise SmallfourError(f"{where}: unknown role {role!r} in [roles]; roles: {', '.join(QUANTIZED_ROLES)}")
+    for role, qtype in _check_table(data.get("roles", {}), dict.fromkeys(QUANTIZED_ROLES, (str,)), where,
+                                    "[roles]", "role").items():
         roles.append((role, parse_type(qtype, f"{where} [roles] {role}")))
     rules = []
+    if not isinstance(data.get("rules", []), list):
+        raise SmallfourError(f"{where}: rules must be an array of tables ([[rules]]), not {_kind(data['rules'])}")
     for i, rule in enumerate(data.get("rules", [])):
-        extra = set(rule) - {"type", "role", "tensor", "layers", "pattern"}
-        if "type" not in rule or extra:
-            raise SmallfourError(f"{where}: rule {i + 1} needs a type and only role, tensor, layers, pattern "
-                                 f"(got {', '.join(sorted(rule))})")
+        rule = _check_table(rule, RULE_KEYS, where, f"rule {i + 1}")
+        if "type" not in rule:
+            raise SmallfourError(f"{where}: rule {i + 1} needs a type")
         if rule.get("role") is not None and rule["role"] not in QUANTIZED_ROLES:
             raise SmallfourError(f"{where}: rule {i + 1}: unknown role {rule['role']!r}")
         if rule.get("pattern") is not None:
@@ -292,8 +342,8 @@ def parse_recipe(source: str, default_name: str, where: str) -> Recipe:
             except re.error as exc:
                 raise SmallfourError(f"{where}: rule {i + 1}: bad pattern {rule['pattern']!r}: {exc}") from None
         if rule.get("layers") is not None:
-            _layer_items(rule["layers"], 1000)  # syntax check
+            layer_ranges(str(rule["layers"]))  # syntax check
         rules.append(Rule(parse_type(rule["type"], f"{where} rule {i + 1}"), rule.get("role"), rule.get("tensor"),
                           None if rule.get("layers") is None else str(rule["layers"]), rule.get("pattern")))
-    return Recipe(str(head.get("name", default_name)), parse_type(head["default"], f"{where} default"),
-                  tuple(roles), tuple(rules), str(head.get("description", "")))
+    return Recipe(head.get("name", default_name), parse_type(head["default"], f"{where} default"),
+                  tuple(roles), tuple(rules), head.get("description", ""))

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from smallfour.generate import ChatRequest, Event, GenerationResult, complete, resolve_request
-from smallfour.generate import stream_generate as _stream
+from smallfour.generation import ChatRequest, Event, GenerationResult, complete, resolve_request
+from smallfour.generation import stream_generate as _stream
 from smallfour.model import Model
 from smallfour.placement import Placement
 

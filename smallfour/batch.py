@@ -20,9 +20,7 @@ consecutive requests share (a common system prompt, say).
 from __future__ import annotations
 
 import json
-import math
 import os
-import secrets
 import sys
 import time
 from collections import Counter, deque
@@ -32,35 +30,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from smallfour.errors import SmallfourError
-from smallfour.messages import MessageError, check_messages
+from smallfour.openai import RequestError as LineError
+from smallfour.openai import apply_stop, error_line, request_from_body, success_line
 
 if TYPE_CHECKING:
-    from smallfour.completion import ChatRequest, Event, GenerationResult
+    from smallfour.completion import ChatRequest, Event
     from smallfour.model import Model
 
 URL = "/v1/chat/completions"
 METHOD = "POST"
-MAX_STOP = 4
-# Body fields a chat-completions request may carry that change nothing here (or only in their
-# default form, checked in `_unsupported`); any other field is ignored as well, as vLLM does.
-_UNSUPPORTED_UNLESS_DEFAULT = {
-    "n": (None, 1),
-    "stream": (None, False),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-}
-
-
-class LineError(Exception):
-    """Why one input line cannot run: an OpenAI-style error code and a message."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 @dataclass
 class Job:
     """One non-blank input line: a request to run, or the error line to write for it."""
@@ -89,144 +67,6 @@ class BatchSummary:
 
 # ---------------------------------------------------------------------------------------------
 # Input: lines → jobs
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _number(body: dict, name: str, low: float, high: float | None) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_number(value) or value < low or (high is not None and value > high):
-        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-        raise LineError("invalid_request", f"body.{name} must be a number {bound}, got {json.dumps(value)}")
-    return float(value)
-
-
-def _integer(body: dict, name: str, low: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_int(value) or (low is not None and value < low):
-        bound = f" of at least {low}" if low is not None else ""
-        raise LineError("invalid_request", f"body.{name} must be an integer{bound}, got {json.dumps(value)}")
-    return value
-
-
-def _messages(body: dict) -> list[dict]:
-    try:
-        return check_messages(body.get("messages"), "body.messages")
-    except MessageError as exc:
-        raise LineError("invalid_request", str(exc)) from None
-
-
-def _tools(body: dict) -> list | None:
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools):
-        raise LineError("invalid_request", "body.tools must be a list of {\"type\": \"function\", "
-                                           "\"function\": {\"name\", …}} objects")
-    if choice == "none":
-        return None
-    if choice not in (None, "auto"):
-        raise LineError("invalid_request", f"body.tool_choice {json.dumps(choice)} is not supported; "
-                                           "use \"auto\" or \"none\"")
-    return tools or None
-
-
-def _logit_bias(body: dict, n_vocab: int | None) -> dict[int, float] | None:
-    bias = body.get("logit_bias")
-    if bias is None:
-        return None
-    if not isinstance(bias, dict):
-        raise LineError("invalid_request", "body.logit_bias must be an object {\"TOKEN_ID\": BIAS}")
-    out: dict[int, float] = {}
-    for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise LineError("invalid_request", f"body.logit_bias key {json.dumps(key)} is not a token id") from None
-        if token < 0 or (n_vocab is not None and token >= n_vocab):
-            raise LineError("invalid_request", f"body.logit_bias token id {token} is outside the vocabulary"
-                                               + (f" (0–{n_vocab - 1})" if n_vocab else ""))
-        if not _is_number(value) or not -100 <= value <= 100:
-            raise LineError("invalid_request", f"body.logit_bias[{json.dumps(key)}] must be a number between "
-                                               f"-100 and 100, got {json.dumps(value)}")
-        out[token] = float(value)
-    return out
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if (not isinstance(stop, list) or not 1 <= len(stop) <= MAX_STOP
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise LineError("invalid_request", f"body.stop must be a non-empty string or a list of 1 to {MAX_STOP} "
-                                           "non-empty strings")
-    return tuple(stop)
-
-
-def _unsupported(body: dict) -> None:
-    for name, defaults in _UNSUPPORTED_UNLESS_DEFAULT.items():
-        value = body.get(name)
-        if not any(value is d or (value == d and type(value) is type(d)) for d in defaults):
-            raise LineError("invalid_request", f"body.{name} = {json.dumps(value)} is not supported by smallfour "
-                                               "batch jobs")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise LineError("invalid_request", "body.response_format is not supported (only {\"type\": \"text\"})")
-
-
-def request_from_body(body: Any, *, preset: str | None = None, think_budget: int | None = None,
-                      n_vocab: int | None = None) -> tuple[ChatRequest, tuple[str, ...]]:
-    """The ChatRequest (and stop strings) for one chat-completions body; LineError if it cannot run.
-
-    `reasoning_effort` picks the defaults: "high" thinks with the `think` preset's sampling (or
-    `preset`'s, if that thinks too), "none" answers with the `instant` preset's; without it the
-    line gets `preset`. Fields in the body override the preset's values.
-    """
-    from smallfour.generate import EFFORTS, PRESETS, resolve_request
-
-    if not isinstance(body, dict):
-        raise LineError("invalid_request", "body must be a JSON object (a chat-completions request)")
-    messages = _messages(body)
-    effort = body.get("reasoning_effort")
-    if effort is not None and effort not in EFFORTS:
-        raise LineError("invalid_request", f"body.reasoning_effort {json.dumps(effort)}: Mistral Small 4 accepts "
-                                           f"{' or '.join(json.dumps(e) for e in EFFORTS)}")
-    _unsupported(body)
-    base = preset or "instant"
-    if base not in PRESETS:
-        raise SmallfourError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}")
-    if effort is not None and PRESETS[base].effort != effort:
-        base = "think" if effort == "high" else "instant"
-    max_tokens = _integer(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
-    top_k = _integer(body, "top_k", -1)
-    sampling = dict(max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0),
-                    top_p=_number(body, "top_p", 0.0, 1.0), min_p=_number(body, "min_p", 0.0, 1.0),
-                    top_k=0 if top_k == -1 else top_k,  # vLLM spells "no limit" -1
-                    seed=_integer(body, "seed"), logit_bias=_logit_bias(body, n_vocab))
-    stop = _stop(body)
-    tools = _tools(body)
-    thinks = (effort or PRESETS[base].effort) == "high"
-    request = resolve_request(messages, preset=base, effort=effort, think_budget=think_budget if thinks else None,
-                              tools=tools, **sampling)
-    return request, stop
 
 
 def parse_line(text: str | bytes, line_no: int, *, preset: str | None = None, think_budget: int | None = None,
@@ -291,50 +131,6 @@ def pending_jobs(jobs: list[Job], done: Counter) -> list[Job]:
         if seen[job.custom_id] > done[job.custom_id]:
             pending.append(job)
     return pending
-
-
-# ---------------------------------------------------------------------------------------------
-# Output lines
-
-
-def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(12)
-
-
-def error_line(custom_id: str | None, error: LineError) -> dict:
-    return {"id": _new_id("batch_req_"), "custom_id": custom_id, "response": None,
-            "error": {"code": error.code, "message": error.message}}
-
-
-def completion_body(result: GenerationResult, model_name: str) -> dict:
-    """A chat.completion object, as OpenAI and vLLM return it (plus llama.cpp-server's timings)."""
-    summary = result.as_json()
-    message: dict[str, Any] = {"role": "assistant", "content": result.content if result.content or not result.tool_calls
-                               else None}
-    if result.reasoning_content:
-        message["reasoning_content"] = result.reasoning_content
-    if result.tool_calls:
-        message["tool_calls"] = result.tool_calls
-    if result.tool_call_error:
-        message["tool_call_error"] = result.tool_call_error
-    return {"id": _new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": summary["usage"], "timings": summary["timings"]}
-
-
-def success_line(custom_id: str, result: GenerationResult, model_name: str) -> dict:
-    return {"id": _new_id("batch_req_"), "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": _new_id("req_"),
-                         "body": completion_body(result, model_name)},
-            "error": None}
-
-
-def _apply_stop(result: GenerationResult, stop: tuple[str, ...]) -> None:
-    """Cut the answer before the first stop string, as OpenAI does, and call it a stop."""
-    cuts = [i for i in (result.content.find(s) for s in stop) if i >= 0]
-    if cuts:
-        result.content = result.content[:min(cuts)]
-        result.finish_reason = "stop"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +272,7 @@ def run_jobs(model: Model, jobs: list[Job], output: BatchOutput, *, model_name: 
     the summary says `interrupted`.
     """
     from smallfour.engine import Engine
-    from smallfour.generate import prompt_with_images
+    from smallfour.generation import prompt_with_images
 
     progress = progress or Progress()
     todo = deque(pending_jobs(jobs, done or Counter()))
@@ -528,7 +324,7 @@ def run_jobs(model: Model, jobs: list[Job], output: BatchOutput, *, model_name: 
                 summary.interrupted = True  # Ctrl-C: nothing is written for it
             else:
                 result = submitted.result
-                _apply_stop(result, job.stop)
+                apply_stop(result, job.stop)
                 output.write(success_line(job.custom_id, result, model_name))
                 summary.succeeded += 1
                 summary.completion_tokens += result.completion_tokens
@@ -563,6 +359,6 @@ def load_projector(model: Model, model_path: Path, mmproj: Path | None, jobs: li
         attach_projector(model, None, error=str(exc))
 
 
-__all__ = ["BatchOutput", "BatchSummary", "Job", "LineError", "completion_body", "error_line", "load_projector",
+__all__ = ["BatchOutput", "BatchSummary", "Job", "LineError", "error_line", "load_projector",
            "parse_jobs", "parse_line", "pending_jobs", "read_input", "request_from_body", "run_jobs",
            "success_line"]

@@ -17,10 +17,17 @@ in the conversation, marked `"interrupted": true` (the chat template ignores the
 Ctrl-D or `/exit` leaves with exit code 0. Input history lives in
 `$SMALLFOUR_HOME/chat_history`, or `$XDG_STATE_HOME/smallfour/chat_history`
 (default `~/.local/state/smallfour/chat_history`).
+
+Nothing typed at the prompt ends the REPL but Ctrl-D and `/exit`: a command that fails,
+for any reason, prints one `error:` line and the conversation goes on. After every entry
+the conversation is saved (temporary name, then renamed) to `chats/DATE-TIME-PID.json`
+in the same state directory, so a crash, a closed terminal or a kill loses at most the
+turn in progress; `chat --resume` continues the newest one, `chat --load FILE` any saved one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -38,7 +45,7 @@ from rich.table import Table
 from rich.text import Text
 
 from smallfour.errors import SmallfourError
-from smallfour.generate import (EFFORTS, PRESETS, ChatRequest, GenerationResult, complete, prompt_tokens,
+from smallfour.generation import (EFFORTS, PRESETS, ChatRequest, GenerationResult, complete, prompt_tokens,
                                 resolve_request)
 from smallfour.interrupt import Interrupt
 from smallfour.messages import load_messages
@@ -123,6 +130,7 @@ class Session:
     images: list[str] = field(default_factory=list)  # attached with /image, sent with the next message
     model_path: Path | None = None  # where /image looks for the vision projector
     mmproj: Path | None = None  # --mmproj
+    autosave: Path | None = None  # where the conversation is saved after every entry
 
     def conversation(self) -> list[dict[str, Any]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -134,12 +142,33 @@ class Session:
                                think_budget=self.overrides.get("think_budget"), **overrides)
 
 
-def history_file() -> Path:
+def state_dir() -> Path:
+    """Where chat keeps its history and autosaved conversations."""
     home = os.environ.get("SMALLFOUR_HOME")
     if home:
-        return Path(home).expanduser() / "chat_history"
+        return Path(home).expanduser()
     state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(state).expanduser() / "smallfour" / "chat_history"
+    return Path(state).expanduser() / "smallfour"
+
+
+def history_file() -> Path:
+    return state_dir() / "chat_history"
+
+
+def chats_dir() -> Path:
+    return state_dir() / "chats"
+
+
+def new_autosave_path() -> Path:
+    return chats_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+
+
+def last_autosave() -> Path:
+    """The newest autosaved conversation (`chat --resume`)."""
+    saved = sorted(chats_dir().glob("*.json"), key=lambda p: p.stat().st_mtime) if chats_dir().is_dir() else []
+    if not saved:
+        raise SmallfourError(f"no saved conversation to resume in {chats_dir()}")
+    return saved[-1]
 
 
 # --------------------------------------------------------------------------- input
@@ -363,12 +392,25 @@ def _show_result(console: Console, stats: TurnStats, request: ChatRequest, *, re
 
 
 def save_conversation(session: Session, path: Path) -> int:
+    """Write the conversation (system prompt first) as a JSON messages list; complete or not at all."""
     messages = session.conversation()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        path.write_text(json.dumps(messages, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        temporary.write_text(json.dumps(messages, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
     except OSError as exc:
-        raise SmallfourError(f"cannot write {path}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise SmallfourError(f"cannot write {path}: {exc.strerror or exc}") from None
     return len(messages)
+
+
+def autosave(session: Session) -> None:
+    """Save the conversation to the session's autosave file, if it has one and something to save."""
+    if session.autosave is None or not session.conversation():
+        return
+    session.autosave.parent.mkdir(parents=True, exist_ok=True)
+    save_conversation(session, session.autosave)
 
 
 def load_conversation(session: Session, path: Path) -> int:
@@ -539,7 +581,7 @@ def attach_image(session: Session, source: str):
 
 def _noter(console: Console) -> Callable[[str], None]:
     def note(text: str) -> None:
-        console.print(Text(text, style="cyan"))
+        console.print(Text(text, style="cyan"), soft_wrap=not console.is_terminal)
 
     return note
 
@@ -548,6 +590,7 @@ def _noter(console: Console) -> Callable[[str], None]:
 
 
 def repl(session: Session, console: Console, editor: LineEditor) -> None:
+    """Read entries until Ctrl-D or /exit; no entry ends it otherwise, and each one is autosaved."""
     live = console.is_terminal and not console.is_dumb_terminal
     while True:
         try:
@@ -558,6 +601,9 @@ def repl(session: Session, console: Console, editor: LineEditor) -> None:
         except EOFError:
             console.print()
             return
+        except UnicodeDecodeError:
+            _error(console, "the input is not UTF-8 text; the line was dropped")
+            continue
         if not entry.strip():
             continue
         try:
@@ -567,7 +613,17 @@ def repl(session: Session, console: Console, editor: LineEditor) -> None:
             else:
                 run_turn(session, console, entry[1:] if entry.startswith("//") else entry, live=live)
         except SmallfourError as exc:
-            console.print(Text.assemble(("error: ", "bold red"), str(exc)))
+            _error(console, str(exc))
         except KeyboardInterrupt:  # Ctrl-C outside generation (a command, the final rendering)
             console.print(Text("[interrupted]", style="yellow"))
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the conversation with it
+            _error(console, f"{entry.split()[0] if entry.startswith('/') else 'the turn'} failed "
+                            f"({type(exc).__name__}: {exc}); the conversation is kept")
+        try:
+            autosave(session)
+        except (SmallfourError, OSError) as exc:
+            _error(console, f"autosave failed: {exc}")
 
+
+def _error(console: Console, message: str) -> None:
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=not console.is_terminal)

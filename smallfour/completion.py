@@ -17,6 +17,25 @@ EFFORTS = ("none", "high")
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What a turn may consist of, enforced token by token by llama.cpp's grammar sampler.
+
+    `answer`: "json" (a JSON value matching `schema`, JSON text; None = any object), "text"
+    (free text, but no tool call unless `tools` allows one after it) or "none" (the turn must be
+    tool calls). `tools`: the functions it may call, as (name, parameters schema JSON text or
+    None for any object); `many_calls` False allows at most one call. `think`: a thought in
+    `[THINK]…[/THINK]` may come first (requests that think). `smallfour.grammar` turns this
+    into GBNF.
+    """
+
+    answer: str = "text"
+    schema: str | None = None
+    tools: tuple[tuple[str, str | None], ...] = ()
+    many_calls: bool = True
+    think: bool = False
+
+
+@dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.7
     top_p: float = 0.95
@@ -26,6 +45,12 @@ class Sampling:
     seed: int | None = None
     # token id → added to its logit (OpenAI's `logit_bias`; -100 bans, +100 forces).
     logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    # OpenAI's penalties over the tokens generated so far (llama.cpp's penalties sampler); 0 = off.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # None: no log probabilities; k ≥ 0: each answer token's, with the k likeliest alternatives.
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,8 @@ class GenerationResult:
     finish_reason: str = "length"
     tokens: list[int] = field(default_factory=list)
     cached_tokens: int = 0  # prompt positions reused from the KV cache
+    # OpenAI's `logprobs.content` entries for the answer's tokens, when the request asked for them.
+    logprobs: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict:
         def rate(n: int, ms: float) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from smallfour import hardware, store
 from smallfour.placement import backend_devices, backend_names
@@ -192,13 +193,28 @@ def _resource_findings(report: dict, gpu_bytes: int) -> list[Finding]:
     return findings
 
 
-def collect() -> dict:
+def leftover_findings(directories: list[Path]) -> list[Finding]:
+    """Partial outputs of convert/quantize runs that were killed (kill -9, OOM) before they could remove them."""
+    from convert.output import stale_partials
+
+    findings = []
+    for directory in dict.fromkeys(directories):
+        for path in stale_partials(directory):
+            findings.append(Finding("warn", "leftovers", f"{path} ({store.human_bytes(path.stat().st_size)}) was "
+                                    "left by an interrupted convert or quantize",
+                                    f"rm {path}  (the next run writing into {directory} also removes it)"))
+    return findings
+
+
+def collect(scan: list[Path] | None = None) -> dict:
+    """The report; `scan` adds directories to look in for leftover partial outputs (the store and cwd always)."""
     report = {"llama_cpp": llama_cpp_report(), "system_gpus": [asdict(g) for g in hardware.system_gpus()],
               "memory": asdict(hardware.memory()), "cpu": asdict(hardware.cpu()),
               "disks": disks(), "versions": versions(), "platform": platform.platform(),
               "store": {"hub_cache": str(store.hub_cache()), "smallfour_home": str(store.smallfour_home()),
                         "hf_endpoint": _hf_endpoint(), "hf_hub_offline": _hf_offline()}}
-    report["findings"] = [asdict(f) for f in diagnose(report)]
+    findings = diagnose(report) + leftover_findings([store.gguf_dir(), Path.cwd(), *(scan or [])])
+    report["findings"] = [asdict(f) for f in findings]
     return report
 
 

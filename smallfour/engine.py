@@ -22,6 +22,7 @@ objects. Events go to the request's `on_event` callback (or its queue) as they h
 from __future__ import annotations
 
 import codecs
+import ctypes
 import json
 import secrets
 import time
@@ -34,6 +35,9 @@ import numpy as np
 from smallfour.completion import ChatRequest, Event, GenerationResult, Sampling
 from smallfour.errors import SmallfourError
 from smallfour.model import ImageInsert, Model, image_entries, prompt_pieces
+
+# Prompt positions another slot is about to evaluate that make a new request wait a step for them.
+WORTH_WAITING = 32
 
 
 class _Stream:
@@ -49,11 +53,18 @@ class _Stream:
 
 
 class Sampler:
-    """llama.cpp's own sampler chain for one request: logit bias, top-k, top-p, min-p, temperature, seed.
+    """llama.cpp's own sampler chain for one request: penalties, logit bias, grammar, top-k, top-p,
+    min-p, temperature, seed.
 
-    The chain is what llama-cpp-python builds for `Llama.generate` (and llama.cpp's common
-    sampler), so seeded runs draw the same way; logit bias runs natively instead of a Python
-    pass over the vocabulary every token.
+    The sampling part is what llama-cpp-python builds for `Llama.generate` (and llama.cpp's
+    common sampler), so seeded runs draw the same way; penalties and logit bias run natively
+    instead of a Python pass over the vocabulary every token. The grammar
+    (`Sampling.constraint`, see `smallfour.grammar`) is checked the way llama.cpp's common
+    sampler does it: the chain draws first and the grammar only checks that one token; only
+    when it is refused is the whole vocabulary filtered and the draw repeated (filtering 131k
+    tokens through a grammar costs far more than a decode step). With `Sampling.logprobs` set it also records
+    OpenAI's `logprobs.content` entries for the answer's tokens (not the thought's, not tool
+    calls, not control tokens): the log-softmax of the raw logits, as OpenAI and vLLM report.
     """
 
     def __init__(self, model: Model, sampling: Sampling):
@@ -61,10 +72,25 @@ class Sampler:
 
         self._lib = lib
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if sampling.frequency_penalty or sampling.presence_penalty:
+            self._add(lib.llama_sampler_init_penalties(model.n_vocab, sampling.max_tokens, 1.0,
+                                                       sampling.frequency_penalty, sampling.presence_penalty))
         if sampling.logit_bias:
             entries = (lib.llama_logit_bias * len(sampling.logit_bias))(
                 *(lib.llama_logit_bias(token, bias) for token, bias in sampling.logit_bias.items()))
             self._add(lib.llama_sampler_init_logit_bias(model.n_vocab, len(entries), entries))
+        self.grammar = None
+        if sampling.constraint is not None:
+            from smallfour.grammar import grammar_text
+
+            self.grammar = lib.llama_sampler_init_grammar(
+                model.vocab, grammar_text(sampling.constraint, model.control_tokens).encode("utf-8"), b"root")
+            if not self.grammar:
+                self.close()
+                raise SmallfourError("llama.cpp could not compile the grammar for this request's constraint")
+            self._candidates = np.zeros(model.n_vocab, dtype=[("id", np.int32), ("logit", np.float32),
+                                                              ("p", np.float32)])
+            self._ids = np.arange(model.n_vocab, dtype=np.int32)
         if sampling.temperature <= 0:
             self._add(lib.llama_sampler_init_greedy())
         else:
@@ -74,22 +100,96 @@ class Sampler:
             self._add(lib.llama_sampler_init_temp(sampling.temperature))
             self._add(lib.llama_sampler_init_dist(sampling.seed if sampling.seed is not None
                                                   else lib.LLAMA_DEFAULT_SEED))
+        self.top_logprobs = sampling.logprobs
+        self.logprobs: list[dict] | None = [] if sampling.logprobs is not None else None
+        control = model.control_tokens
+        self._think = (control.get("[THINK]"), control.get("[/THINK]"))
+        self._tool_calls = control.get("[TOOL_CALLS]")
+        self._control = frozenset(control.values())
+        self._channel = "content"
 
     def _add(self, sampler) -> None:
         self._lib.llama_sampler_chain_add(self.chain, sampler)
 
     def sample(self, model: Model, index: int = -1) -> int:
         """A token from the logits of batch position `index` of the last decode (the sampler accepts it)."""
-        return int(self._lib.llama_sampler_sample(self.chain, model.context, index))
+        if self.grammar is None:
+            token = int(self._lib.llama_sampler_sample(self.chain, model.context, index))
+        else:
+            logits = model.logits(index)
+            token = self._draw(logits, with_grammar=False)
+            if not self._allowed(token):
+                token = self._draw(logits, with_grammar=True)
+            self._lib.llama_sampler_accept(self.grammar, token)
+            self._lib.llama_sampler_accept(self.chain, token)
+        if self.logprobs is not None:
+            self._record(model, index, token)
+        return token
+
+    def _apply(self, sampler, candidates: np.ndarray) -> int:
+        """Run `sampler` over `candidates` in place; the index it selected (or -1)."""
+        lib = self._lib
+        array = lib.llama_token_data_array(candidates.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)),
+                                           len(candidates), -1, False)
+        lib.llama_sampler_apply(sampler, ctypes.byref(array))
+        return int(array.selected)
+
+    def _draw(self, logits: np.ndarray, *, with_grammar: bool) -> int:
+        candidates = self._candidates
+        candidates["id"], candidates["logit"], candidates["p"] = self._ids, logits, 0.0
+        if with_grammar:
+            self._apply(self.grammar, candidates)
+        return int(candidates["id"][self._apply(self.chain, candidates)])
+
+    def _allowed(self, token: int) -> bool:
+        single = np.array([(token, 1.0, 0.0)], dtype=self._candidates.dtype)
+        self._apply(self.grammar, single)
+        return bool(np.isfinite(single["logit"][0]))
 
     def accept(self, token: int) -> None:
         """Tell the chain about a token chosen without it (a forced `[/THINK]`)."""
+        if self.grammar is not None:
+            self._lib.llama_sampler_accept(self.grammar, token)
         self._lib.llama_sampler_accept(self.chain, token)
+        self._follow(token)
+
+    def _follow(self, token: int) -> bool:
+        """Track the channel the token is in; True for an answer token."""
+        if token == self._think[0]:
+            self._channel = "reasoning"
+        elif token == self._think[1] and self._channel == "reasoning":
+            self._channel = "content"
+        elif token == self._tool_calls:
+            self._channel = "tool"
+        else:
+            return self._channel == "content"
+        return False
+
+    def _record(self, model: Model, index: int, token: int) -> None:
+        if not self._follow(token) or token in self._control or model.is_end(token):
+            return
+        logits = model.logits(index).astype(np.float64)
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+
+        def entry(t: int) -> dict:
+            piece = model.piece(t)
+            return {"token": piece.decode("utf-8", errors="replace"), "logprob": float(logprobs[t]),
+                    "bytes": list(piece)}
+
+        top = []
+        if self.top_logprobs:
+            best = np.argpartition(-logprobs, self.top_logprobs)[:self.top_logprobs]
+            top = [entry(int(t)) for t in best[np.argsort(-logprobs[best])]]
+        self.logprobs.append(entry(token) | {"top_logprobs": top})
 
     def close(self) -> None:
         if self.chain:
             self._lib.llama_sampler_free(self.chain)
             self.chain = None
+        if getattr(self, "grammar", None):
+            self._lib.llama_sampler_free(self.grammar)
+            self.grammar = None
 
 
 @dataclass(eq=False)
@@ -148,6 +248,7 @@ class _Slot:
         first = self.first_token_at or finished
         result.prompt_ms, result.predicted_ms = (first - self.started) * 1000.0, (finished - first) * 1000.0
         _finish_tool_calls(self.stream, result)
+        result.logprobs = self.sampler.logprobs
         self.sampler.close()
         self.job = None
         job.result = result
@@ -259,17 +360,26 @@ class Engine:
             raise SmallfourError("internal error: a prompt cannot end with an image")
 
     def _admit(self) -> None:
-        """Give queued requests the free slots, each starting from the longest prefix held anywhere."""
+        """Give queued requests the free slots, each starting from the longest prefix held anywhere.
+
+        A request whose prompt shares a long prefix with one a slot is reading right now waits
+        for that (one step, usually): then it copies those positions instead of computing them
+        again — what makes the first wave of a batch with one system prompt cheap.
+        """
         model = self.model
+        waiting: list[Job] = []
         while self.queue:
             free = [slot for slot in self.slots if slot.job is None]
             if not free:
-                return
+                break
             job = self.queue.popleft()
             entries = image_entries(job.spans)
             held = {seq: model.reusable_prefix(job.tokens, entries, seq) for seq in range(model.n_seq)}
-            slot = max(free, key=lambda s: held[s.seq])
             source = max(held, key=lambda seq: held[seq])
+            if self._soon_shared(job) >= held[source] + WORTH_WAITING:
+                waiting.append(job)
+                continue
+            slot = max(free, key=lambda s: held[s.seq])
             reused = held[source]
             if held[slot.seq] >= reused:
                 model.truncate(held[slot.seq], slot.seq)
@@ -277,6 +387,21 @@ class Engine:
             else:
                 model.share_prefix(source, slot.seq, reused)
             slot.start(model, job, reused)
+        self.queue.extendleft(reversed(waiting))
+
+    def _soon_shared(self, job: Job) -> int:
+        """The longest prefix of `job`'s prompt that a slot still reading its prompt is about to hold."""
+        longest = 0
+        for slot in self.slots:
+            if slot.prefilling:
+                shared = 0
+                for a, b in zip(job.tokens[:-1], slot.job.tokens):
+                    if a != b:
+                        break
+                    shared += 1
+                if shared > slot.position:
+                    longest = max(longest, shared)
+        return longest
 
     def _advance(self, slot: _Slot, index: int) -> None:
         """The slot's logits are at batch position `index`: sample, emit, decide whether it goes on."""

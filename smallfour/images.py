@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import urllib.parse
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +76,86 @@ def image_tokens(width: int, height: int, geometry: Geometry = Geometry()) -> in
     return (x + 1) * y
 
 
-def read_source(source: str) -> tuple[str, bytes]:
-    """The bytes of an image given as a file path or a `data:image/...;base64,` URL."""
+# Formats accepted, told apart by their first bytes before any Pillow plugin sees the data: the raster
+# formats photos and screenshots come in. Everything else (EPS/PostScript and PDF above all, which
+# Pillow would hand to Ghostscript; ICO, PSD, SVG, …) is refused without being parsed.
+SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
+    ("PNG", (b"\x89PNG\r\n\x1a\n",)),
+    ("JPEG", (b"\xff\xd8\xff",)),
+    ("GIF", (b"GIF87a", b"GIF89a")),
+    ("BMP", (b"BM",)),
+    ("TIFF", (b"II*\x00", b"MM\x00*")),
+)
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format name of an accepted image, from its leading bytes; None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for name, magics in SIGNATURES if data.startswith(magics)), None)
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Which local files an image source may name, and how its errors talk about them.
+
+    `roots=None` is the user's own command line (`run --image`, chat's `/image`): any
+    readable file, `~` expanded. A batch file is someone else's input: relative paths
+    resolve against `base` (the input file's directory), `~` is not expanded, and the
+    resolved file (symlinks and `..` followed) must lie under one of `roots`; errors echo
+    the source as written, never a resolved path, and say the same for a file outside the
+    roots whether it exists or not. `roots=()` accepts no local file at all (a server).
+    """
+
+    roots: tuple[Path, ...] | None = None
+    base: Path | None = None
+
+    @classmethod
+    def confined(cls, base: Path, extra: tuple[Path, ...] = ()) -> ImagePolicy:
+        return cls(tuple(Path(r).resolve() for r in (base, *extra)), Path(base).resolve())
+
+    def local_path(self, source: str) -> Path:
+        """The file a non-URL source names, once the policy allows it."""
+        if source.startswith("file:"):
+            parsed = urllib.parse.urlparse(source)
+            if parsed.netloc not in ("", "localhost"):
+                raise SmallfourError(f"image {source}: file: URLs name a local file (file:///path)")
+            text = urllib.request.url2pathname(parsed.path)
+        else:
+            text = source
+        if self.roots is None:
+            return Path(text).expanduser()
+        if not self.roots:
+            raise SmallfourError("image paths are not accepted here; send the image as a data:image/...;base64 URL")
+        path = ((self.base or Path.cwd()) / text).resolve()
+        if not any(path == root or root in path.parents for root in self.roots):
+            raise SmallfourError(f"image {source} is outside the directories images may be read from (the input "
+                                 "file's directory; --allow-path DIR adds one)")
+        if not path.is_file():
+            raise SmallfourError(f"image file {source} does not exist")  # as written: the resolved path is ours
+        return path
+
+
+ANY_FILE = ImagePolicy()
+
+
+def allowed_source(source: str, policy: ImagePolicy) -> str:
+    """What to read for an image source once `policy` allows it: a data: URL as it is, a file as its absolute path."""
+    if source.startswith("data:"):
+        return source
+    _refuse_remote(source)
+    return str(policy.local_path(source))
+
+
+def _refuse_remote(source: str) -> None:
+    if source.lower().startswith(("http://", "https://")):
+        raise SmallfourError(f"image {source}: http(s) URLs are never fetched; download the file and give its path, "
+                             "or send a data: URL")
+
+
+def read_source(source: str, policy: ImagePolicy = ANY_FILE) -> tuple[str, bytes]:
+    """The bytes of an image given as a file path, a `file:` URL or a `data:image/...;base64,` URL."""
     if source.startswith("data:"):
         header, comma, payload = source.partition(",")
         if not comma or ";base64" not in header:
@@ -84,25 +164,27 @@ def read_source(source: str) -> tuple[str, bytes]:
             return "data: URL", base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise SmallfourError("image data: URL does not hold valid base64") from None
-    if source.startswith(("http://", "https://")):
-        raise SmallfourError(f"image {source}: URLs are not fetched; download the file and give its path")
-    path = Path(source.removeprefix("file://")).expanduser()
+    _refuse_remote(source)
+    path = policy.local_path(source)
+    # A confined policy's errors name the source as written: the resolved path may be none of the writer's business.
+    label = str(path) if policy.roots is None else source
     if not path.exists():
-        raise SmallfourError(f"image file {path} does not exist")
+        raise SmallfourError(f"image file {label} does not exist")
     if not path.is_file():
-        raise SmallfourError(f"image {path} is not a file")
+        raise SmallfourError(f"image {label} is not a file")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise SmallfourError(f"image {path} is {size / 1e6:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MiB limit")
+        raise SmallfourError(f"image {label} is {size / 1e6:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MiB "
+                             "limit")
     try:
-        return str(path), path.read_bytes()
+        return label, path.read_bytes()
     except OSError as exc:
-        raise SmallfourError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        raise SmallfourError(f"cannot read image {label}: {exc.strerror or exc}") from None
 
 
-def prepare_image(source: str, geometry: Geometry = Geometry()) -> PreparedImage:
+def prepare_image(source: str, geometry: Geometry = Geometry(), policy: ImagePolicy = ANY_FILE) -> PreparedImage:
     """Decode, validate and normalize one image (path or data: URL) for the model."""
-    label, data = read_source(source)
+    label, data = read_source(source, policy)
     return prepare_bytes(label, data, geometry)
 
 
@@ -111,6 +193,9 @@ def prepare_bytes(label: str, data: bytes, geometry: Geometry = Geometry()) -> P
 
     if len(data) > MAX_FILE_BYTES:
         raise SmallfourError(f"image {label} is more than the {MAX_FILE_BYTES // 2**20} MiB limit")
+    kind = sniff_format(data)
+    if kind is None:
+        raise SmallfourError(f"{label} is not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})")
     with warnings.catch_warnings():
         # Pillow only warns between its own limit and twice it; we refuse all of it.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -119,7 +204,7 @@ def prepare_bytes(label: str, data: bytes, geometry: Geometry = Geometry()) -> P
             # Our own limit, checked on the header below, gives the clearer message.
             Image.MAX_IMAGE_PIXELS = None
             try:
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(data), formats=[kind])  # that one plugin and no other
             finally:
                 Image.MAX_IMAGE_PIXELS = pillow_limit
             width, height = image.size
@@ -133,7 +218,7 @@ def prepare_bytes(label: str, data: bytes, geometry: Geometry = Geometry()) -> P
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise SmallfourError(f"image {label} decodes to too many pixels (a decompression bomb?)") from None
         except UnidentifiedImageError:
-            raise SmallfourError(f"{label} is not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, …)") from None
+            raise SmallfourError(f"{label} is not a readable {kind} image") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise SmallfourError(f"image {label} is truncated or damaged: {exc}") from None
     if getattr(image, "n_frames", 1) > 1:

@@ -244,6 +244,7 @@ def collect_imatrix(model: Path, text_file: Path, output: Path, *, n_ctx: int = 
 
 def _collect(llm, collector: ImatrixCollector, text: str, text_file: Path, output: Path, *, n_ctx: int,
              chunks: int | None, on_chunk: Callable[[int, int], None] | None) -> ImatrixReport:
+    from convert.output import atomic_output
     from quant.imatrix import save_imatrix
 
     tokens = llm.tokenize(text, add_bos=True)
@@ -274,8 +275,9 @@ def _collect(llm, collector: ImatrixCollector, text: str, text_file: Path, outpu
     if not collector.sums:
         raise SmallfourError(f"{llm.name}: no matrix multiplications by model weights were seen")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    save_imatrix(output, {k: v.astype(np.float32) for k, v in collector.sums.items()}, collector.counts,
-                 datasets=[str(text_file)], chunk_count=n_chunks, chunk_size=n_ctx)
+    with atomic_output(Path(output)) as temporary:
+        save_imatrix(temporary, {k: v.astype(np.float32) for k, v in collector.sums.items()}, collector.counts,
+                     datasets=[str(text_file)], chunk_count=n_chunks, chunk_size=n_ctx)
     unused = {name: (int((c == 0).sum()), c.size) for name, c in sorted(collector.counts.items())
               if c.size > 1 and (c == 0).any()}
     return ImatrixReport(Path(output), len(collector.sums), n_chunks, n_ctx, n_chunks * n_ctx, unused)

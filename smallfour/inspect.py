@@ -19,6 +19,7 @@ def describe(path: Path) -> dict:
     path = Path(path)
     # The header alone (arrays such as the 131k-token vocabulary summarized by their length).
     header = read_header(path, what="model file")
+    header.check_complete()  # a cut-off download must not pass for a model
     fields, arch = header.fields, header.architecture or None
     hyper = {name.removeprefix(f"{arch}."): v for name, v in fields.items() if name.startswith(f"{arch}.")}
     tokenizer = {name.removeprefix(_TOKENIZER_PREFIX): v for name, v in fields.items()

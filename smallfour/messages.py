@@ -80,6 +80,8 @@ def read_json_file(path: Path, what: str) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise SmallfourError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SmallfourError(f"{what} file {path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise SmallfourError(f"{what} file {path} is not valid JSON: {exc}") from None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,8 +62,8 @@ def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
         raise SmallfourError(f"--tensor-split {text!r}: expected comma-separated numbers, e.g. 3,1") from None
-    if any(p < 0 for p in parts) or not any(parts):
-        raise SmallfourError(f"--tensor-split {text!r}: proportions must be ≥ 0 and not all zero")
+    if not all(math.isfinite(p) and p >= 0 for p in parts) or not any(parts):
+        raise SmallfourError(f"--tensor-split {text!r}: proportions must be finite, ≥ 0 and not all zero")
     return parts
 
 

@@ -521,12 +521,10 @@ def plan_for_load(model_path: Path, n_ctx: int, kv_type: str = "f16", hardware: 
     return plan(model_from_gguf(model_path), hardware or detect_hardware(), settings)
 
 
-def sequences_that_fit(model_path: Path, n_ctx: int, kv_type: str = "f16", hardware: Hardware | None = None, *,
-                       flash_attn: bool = True, most: int = 8) -> int:
-    """How many sequences of `n_ctx` positions each (their KV caches side by side) fit here, up to `most`."""
-    hardware = hardware or detect_hardware()
+def sequences_that_fit(model: ModelInfo, settings: Settings, hardware: Hardware, *, most: int = 16) -> int:
+    """How many sequences of `settings.n_ctx` positions each (KV caches side by side) fit, up to `most` (≥ 1)."""
     for count in range(most, 1, -1):
-        if plan_for_load(model_path, n_ctx * count, kv_type, hardware, flash_attn=flash_attn).fits:
+        if _place(model, replace(settings, n_ctx=settings.n_ctx * count), hardware).fits:
             return count
     return 1
 

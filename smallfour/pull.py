@@ -24,6 +24,7 @@ import fnmatch
 import hashlib
 import os
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Small files a conversion reads beside the weights: configs, tokenizers, chat templates, system prompts.
 SMALL_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 HASH_CHUNK = 8 * 1024 * 1024
+# What a blob may be named: a git object id (SHA-1) or an LFS SHA-256, lower-case hex. Anything else from
+# the server (an ETag such as `../../x`) would become a path outside the hub cache.
+BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
 class PullError(SmallfourError):
@@ -57,6 +61,19 @@ class RemoteFile:
     def etag(self) -> str:
         """The blob name in the hub cache: the LFS SHA-256, else the git blob id (what the Hub's ETag says)."""
         return self.sha256 or self.blob_id or ""
+
+
+def check_remote_files(repo_id: str, files: list[RemoteFile]) -> None:
+    """Refuse a file list whose names leave the repo or whose hashes are not hashes, before anything is written."""
+    for remote in files:
+        parts = remote.path.split("/")
+        if (not remote.path or remote.path.startswith("/") or "\\" in remote.path or "\0" in remote.path
+                or any(part in ("", ".", "..") for part in parts)):
+            raise PullError(f"the Hub listed a file name {remote.path!r} in {repo_id} that is not a path inside the "
+                            "repo; refusing to download")
+        if remote.etag and not BLOB_NAME.match(remote.etag):
+            raise PullError(f"the Hub listed {remote.etag!r} as the hash of {remote.path}, which is not a SHA-1 or "
+                            "SHA-256; refusing to download")
 
 
 @dataclass
@@ -243,6 +260,8 @@ class Puller:
                             f"{remote.size}; try again later")
         # The blob is named as huggingface_hub names it (the download's ETag), so its own calls find it.
         name = meta.etag or remote.etag
+        if not BLOB_NAME.match(name):
+            raise PullError(f"{remote.path}: the Hub's ETag {name!r} is not a SHA-1 or SHA-256; refusing to download")
         blob, partial = self.folder / "blobs" / name, self.folder / "blobs" / f"{name}.incomplete"
         blob.parent.mkdir(parents=True, exist_ok=True)
         lock_path = store.hub_cache() / ".locks" / self.folder.name / f"{name}.lock"
@@ -461,6 +480,7 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
         raise PullError(f"the Hub gave no commit for {repo_id}@{revision}")
     remote_files = [RemoteFile(s.rfilename, s.size if s.size is not None else (s.lfs.size if s.lfs else 0),
                                s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
+    check_remote_files(repo_id, remote_files)
     missing_meta = [f.path for f in remote_files if not f.etag]
     selection = select_files(repo_id, remote_files, include)
     if any(f.path in missing_meta for f in selection.files):

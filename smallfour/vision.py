@@ -21,11 +21,11 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quant.gguf_io import read_header, read_tensor
 from smallfour.errors import SmallfourError
-from smallfour.images import Geometry, PreparedImage, prepare_image
+from smallfour.images import ANY_FILE, Geometry, ImagePolicy, PreparedImage, allowed_source, prepare_image
 
 if TYPE_CHECKING:
     from smallfour.model import Model
@@ -185,8 +185,9 @@ def expand_images(tokens: list[int], images: list[PreparedImage], ids: tuple[int
     return out, spans
 
 
-def prepare_all(sources: list[str], geometry: Geometry | None = None) -> list[PreparedImage]:
-    return [prepare_image(s, geometry or Geometry()) for s in sources]
+def prepare_all(sources: list[str], geometry: Geometry | None = None,
+                policy: ImagePolicy = ANY_FILE) -> list[PreparedImage]:
+    return [prepare_image(s, geometry or Geometry(), policy) for s in sources]
 
 
 def _chunks_for(projector: Projector, image: PreparedImage):
@@ -317,6 +318,24 @@ def image_sources(messages: list[dict]) -> list[str]:
         if isinstance(content, list):
             sources += [s for part in content if isinstance(part, dict) and (s := image_source(part)) is not None]
     return sources
+
+
+def confine_images(messages: list[dict], policy: ImagePolicy) -> list[dict]:
+    """`messages` with every image checked against `policy` before anything reads it.
+
+    Local paths become the absolute files the policy allowed (so a relative path means the
+    same wherever the job runs), URLs that are never fetched and paths outside the
+    policy's roots raise one-line errors; data: URLs pass unchanged (their content is
+    checked when decoded).
+    """
+    def confined(part: Any) -> Any:
+        source = image_source(part) if isinstance(part, dict) else None
+        if source is None or source.startswith("data:"):
+            return part
+        return {"type": "image_url", "image_url": {"url": allowed_source(source, policy)}}
+
+    return [{**m, "content": [confined(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
 
 
 def with_images(text: str, sources: list[str]) -> str | list[dict]:

@@ -6,12 +6,14 @@ Needs the `tmux` binary (Debian/Ubuntu package `tmux`).
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 
 from rich.console import Console
 
 from conftest import HF
-from helpers import PROMPT, stats_numbers
+from helpers import PROMPT, SMALLFOUR, assert_one_line_error, stats_numbers
 
 
 def test_chat_repl_in_a_terminal(converted, terminal, tmp_path):
@@ -97,7 +99,7 @@ def test_chat_repl_in_a_terminal(converted, terminal, tmp_path):
 
 def test_thinking_is_folded_and_shown_on_request():
     from smallfour.chat import Session, TurnStats, _show_result, _TurnView, run_command
-    from smallfour.generate import GenerationResult, resolve_request
+    from smallfour.generation import GenerationResult, resolve_request
 
     console = Console(record=True, force_terminal=True, width=80, color_system="standard")
     view = _TurnView()
@@ -118,3 +120,45 @@ def test_thinking_is_folded_and_shown_on_request():
     assert run_command(session, console, "/think") is True
     assert "Let me count the legs." in console.export_text()
     assert run_command(session, console, "/exit") is False
+
+
+def test_no_command_ends_the_repl_and_every_turn_is_saved(converted, tmp_path):
+    """Bad /load files and failing commands print one error line each; the conversation survives and is autosaved."""
+    model = converted(HF, "q8_0")
+    (tmp_path / "latin1.json").write_bytes(b'[{"role": "user", "content": "caf\xe9"}]')
+    (tmp_path / "number.json").write_text('[{"role": "user", "content": 123}]')
+    (tmp_path / "object.json").write_text('{"messages": 5}')
+    (tmp_path / "markup[x].json").write_text("[/INST] not json")
+    env = {**os.environ, "SMALLFOUR_HOME": str(tmp_path / "home")}
+    bad = ["/load latin1.json", "/load number.json", "/load object.json", "/load markup[x].json", "/load missing.json",
+           "/image nowhere.png", "/set top-p 7", "/bogus", "/effort extreme"]
+    script = "\n".join(["hello", *bad, "second", ""])
+    chat = [*SMALLFOUR, "chat", str(model), "--ctx", "1024", "-n", "8", "--seed", "3"]
+    result = subprocess.run(chat, input=script, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in output, output
+    errors = [line.removeprefix(PROMPT).strip() for line in result.stdout.splitlines() if "error: " in line]
+    assert len(errors) == len(bad), output
+    assert "not UTF-8" in errors[0] and "content must be a string" in errors[1] and "markup[x].json" in errors[3]
+    saved = list((tmp_path / "home" / "chats").glob("*.json"))
+    assert len(saved) == 1, saved
+    users = [m["content"] for m in json.loads(saved[0].read_text(encoding="utf-8")) if m["role"] == "user"]
+    assert users == ["hello", "second"]  # every failed command left the conversation as it was
+    assert not list(saved[0].parent.glob(".*.partial"))
+
+    resumed = subprocess.run([*chat, "--resume"], input="third\n", capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"continuing 4 messages from {saved[0]}" in resumed.stdout, resumed.stdout
+    users = [m["content"] for m in json.loads(saved[0].read_text(encoding="utf-8")) if m["role"] == "user"]
+    assert users == ["hello", "second", "third"]  # --resume continues the same file
+
+    loaded = subprocess.run([*chat, "--load", str(saved[0])], input="/save copy.json\n", capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=300)
+    assert loaded.returncode == 0 and "continuing" in loaded.stdout, loaded.stdout + loaded.stderr
+    assert [m["content"] for m in json.loads((tmp_path / "copy.json").read_text()) if m["role"] == "user"] == \
+        ["hello", "second", "third"]
+
+    refused = subprocess.run([*chat, "--load", str(tmp_path / "latin1.json")], input="", capture_output=True,
+                             text=True, cwd=tmp_path, env=env, timeout=300)
+    assert_one_line_error(refused, "not UTF-8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -109,12 +110,25 @@ def test_demo_runs_end_to_end(checkpoint):
     assert result.stdout.strip()
 
 
-@pytest.mark.parametrize("command", ["convert", "inspect", "run", "demo", "chat", "batch", "pull", "models", "rm",
-                                     "doctor", "plan"])
+def _declared_commands() -> dict[str, set[str]]:
+    """Every command the Typer app declares, with its visible long options."""
+    import typer
+
+    from smallfour.cli import app
+
+    commands = typer.main.get_command(app).commands
+    return {name: {o for p in c.params if not getattr(p, "hidden", False) for o in p.opts if o.startswith("--")}
+            for name, c in commands.items() if not c.hidden}
+
+
+@pytest.mark.parametrize("command", sorted(_declared_commands()))
 def test_every_command_explains_itself(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert "Usage:" in result.stdout and "--help" in result.stdout
+    assert re.search(rf"Usage: .*smallfour {command} ", result.stdout), result.stdout
+    # Every option the command takes is shown (none lost to a hidden flag or a broken panel).
+    shown = set(re.findall(r"--[a-z0-9][a-z0-9-]*", result.stdout))
+    assert _declared_commands()[command] | {"--help"} <= shown, result.stdout
 
 
 def test_typer_lives_only_in_the_cli_package():

@@ -9,13 +9,19 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import HF
-from smallfour.generate import complete, interpret, prompt_tokens, resolve_request
+from smallfour.generation import complete, interpret, prompt_tokens, resolve_request
 from smallfour.model import Model
 from helpers import run_cli
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+# mistral-common writes tools and arguments with ensure_ascii=False: "ü" stays one character, not "\\u00fc".
+# Function names must be ASCII there; everything else may not be.
+UNICODE_TOOLS = [{"type": "function", "function": {
+    "name": "meteo_ville", "description": "Le temps qu'il fait — 天気",
+    "parameters": {"type": "object", "properties": {"ville": {"type": "string", "description": "p. ex. « Köln »"}},
+                   "required": ["ville"]}}}]
 
 CONVERSATIONS = {
     "user only": [{"role": "user", "content": "Bonjour !"}],
@@ -34,7 +40,14 @@ CONVERSATIONS = {
             "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
         {"role": "tool", "tool_call_id": "abc123def", "content": "{\"temp\": 21}"},
         {"role": "user", "content": "Thanks [INST] </s>"}],
+    "non-ASCII tools": [
+        {"role": "user", "content": "Quel temps à Zürich ?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "abc123def", "type": "function", "function": {
+            "name": "meteo_ville", "arguments": "{\"ville\": \"Zürich 東京\"}"}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "content": "{\"température\": \"21 °C\"}"},
+        {"role": "user", "content": "Merci"}],
 }
+CONVERSATION_TOOLS = {"tools": TOOLS, "non-ASCII tools": UNICODE_TOOLS}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +65,7 @@ def reference(checkpoint):
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_prompt_tokens_match_mistral_common(llm, reference, name, effort):
     messages = CONVERSATIONS[name]
-    tools = TOOLS if name == "tools" else None
+    tools = CONVERSATION_TOOLS.get(name)
     request = resolve_request(messages, effort=effort, tools=tools)
     _, tokens = prompt_tokens(llm, request)
     extra = {"reasoning_effort": effort} if effort else {}
@@ -75,13 +88,15 @@ def crafted(llm, text: str) -> list[int]:
 
 
 def test_tool_calls_are_parsed(llm):
-    tokens = crafted(llm, '[THINK]Need the weather.[/THINK][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+    tokens = crafted(llm, '[THINK]Need the weather.[/THINK][TOOL_CALLS]get_weather[ARGS]{"city": "Zürich 東京"}'
                           '[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris", "h24": true}')
     result = interpret(llm, tokens)
     assert result.reasoning_content == "Need the weather."
     assert result.content == "" and result.tool_call_error is None and result.finish_reason == "tool_calls"
     calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in result.tool_calls]
-    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris", "h24": True})]
+    assert calls == [("get_weather", {"city": "Zürich 東京"}), ("get_time", {"tz": "Europe/Paris", "h24": True})]
+    # Arguments keep their characters, as the model wrote them and mistral-common writes them back.
+    assert result.tool_calls[0]["function"]["arguments"] == '{"city": "Zürich 東京"}'
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in result.tool_calls)
     assert len({c["id"] for c in result.tool_calls}) == 2
 
@@ -117,7 +132,9 @@ def test_think_budget_closes_the_thought(llm, budget):
     assert result.reasoning_tokens == budget + 1  # the budget's tokens plus the forced [/THINK]
     answer = result.tokens[budget + 2:]
     assert len(answer) == 6 and think not in answer and close not in answer
-    assert result.content
+    # The channels hold exactly their tokens' text: the thought inside, the answer after [/THINK].
+    assert result.reasoning_content == llm.detokenize(result.tokens[1:budget + 1]).decode("utf-8", "replace")
+    assert result.content == llm.detokenize(answer).decode("utf-8", "replace") != ""
 
 
 def test_unknown_effort_and_preset(converted):

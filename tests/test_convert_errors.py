@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,106 @@ def test_disk_full(checkpoint, tmp_path):
     assert "exit=1" in result.stdout, result.stdout + result.stderr
     assert result.stdout.strip().endswith("exit=1"), f"files left on the full disk: {result.stdout}"
     assert "no space left on device" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- outputs: one transaction, never each other, never an input, no leftovers ---------------------
+
+
+@pytest.mark.parametrize("alias", ["same", "dotdot", "symlink"])
+def test_two_outputs_one_file_refused(checkpoint, tmp_path, alias):
+    """`-o m.gguf --mmproj m.gguf --force` once kept only the projector; any spelling of one file is refused."""
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"precious")
+    (tmp_path / "sub").mkdir()
+    other = {"same": out, "dotdot": tmp_path / "sub" / ".." / "m.gguf", "symlink": tmp_path / "link.gguf"}[alias]
+    if alias == "symlink":
+        other.symlink_to(out)
+    result = convert(checkpoint(HF), out, "--mmproj", other, "--force")
+    assert_one_line_error(result, "two outputs are the same file")
+    assert out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"m.gguf", "sub", other.name})
+
+
+def test_output_that_is_an_input_refused(damaged, tmp_path):
+    config = damaged / "config.json"
+    before = config.read_bytes()
+    assert_one_line_error(convert(damaged, config, "--force"), "is the input", "config.json")
+    assert config.read_bytes() == before
+    assert not [p for p in damaged.iterdir() if p.name.endswith(".partial")]
+
+
+def test_quantize_output_onto_its_input_refused(converted, tmp_path):
+    source = tmp_path / "in.gguf"
+    shutil.copy(converted(HF, "f32"), source)
+    (tmp_path / "alias.gguf").symlink_to(source)
+    before = source.stat().st_size
+    result = run_cli("quantize", source, "-o", tmp_path / "alias.gguf", "--recipe", "q8_0", "--force")
+    assert_one_line_error(result, "is the input")
+    assert source.stat().st_size == before
+    assert leftovers(tmp_path) == ["alias.gguf", "in.gguf"]
+
+
+def test_force_onto_a_directory_fails_before_work(checkpoint, tmp_path):
+    (tmp_path / "out.gguf").mkdir()
+    assert_one_line_error(convert(checkpoint(HF), tmp_path / "out.gguf", "--force"), "is a directory")
+    assert leftovers(tmp_path) == ["out.gguf"]
+
+
+def test_projector_failure_keeps_no_text_model(damaged, tmp_path):
+    """A NaN in the vision tower fails the projector after the text model is written: neither file lands."""
+    shard, entries = None, {}
+    for candidate in sorted(damaged.glob("model-*.safetensors")):
+        length, entries = header(candidate)
+        names = [n for n, e in entries.items() if n.startswith("vision_tower") and e.get("dtype") == "BF16"]
+        if names:
+            shard, name = candidate, names[0]
+            break
+    assert shard is not None, "the fixture has a vision tower"
+    with open(shard, "r+b") as f:
+        f.seek(8 + length + entries[name]["data_offsets"][0])
+        f.write(struct.pack("<H", 0x7FC0))
+    result = convert(damaged, tmp_path / "out.gguf")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert leftovers(tmp_path) == ["ckpt"]
+    # and a rerun is not told that the model "already exists"
+    assert "already exists" not in convert(damaged, tmp_path / "out.gguf").stderr
+
+
+def test_sigterm_removes_partial_outputs(checkpoint, tmp_path):
+    """SIGTERM mid-conversion cleans up as Ctrl-C does: exit 143, one line, nothing left."""
+    process = subprocess.Popen([*SMALLFOUR, "convert", str(checkpoint(HF)), "-o", str(tmp_path / "out.gguf"),
+                                "--recipe", "f32"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.gguf.*.partial")):
+        assert process.poll() is None and time.monotonic() < deadline, "no partial file appeared"
+        time.sleep(0.02)
+    process.terminate()
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == \
+        ["error: terminated (SIGTERM); partial output removed"]
+    assert leftovers(tmp_path) == []
+
+
+def test_stale_partial_of_a_dead_writer_is_removed(checkpoint, tmp_path):
+    """kill -9 cannot clean up; the next run beside it removes the dead writer's partial file and says so."""
+    process = subprocess.Popen([*SMALLFOUR, "convert", str(checkpoint(HF)), "-o", str(tmp_path / "out.gguf"),
+                                "--recipe", "f32"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.gguf.*.partial")):
+        assert process.poll() is None and time.monotonic() < deadline, "no partial file appeared"
+        time.sleep(0.02)
+    process.kill()
+    process.wait(timeout=60)
+    stale = list(tmp_path.glob(".out.gguf.*.partial"))
+    assert len(stale) == 1
+    live = tmp_path / f".other.gguf.{os.getpid()}.partial"  # a live writer's: locked, so kept
+    with open(live, "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        doctor = run_cli("doctor", "--scan", tmp_path)
+        assert stale[0].name in doctor.stdout + doctor.stderr and live.name not in doctor.stdout + doctor.stderr
+        result = convert(checkpoint(HF), tmp_path / "next.gguf")
+        assert result.returncode == 0, result.stderr
+        assert f"removed {stale[0]}" in result.stderr and "interrupted run" in result.stderr
+        assert leftovers(tmp_path) == sorted([live.name, "next-mmproj.gguf", "next.gguf"])

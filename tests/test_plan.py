@@ -106,11 +106,17 @@ def _mib(log: str, pattern: str) -> float:
     return float(match.group(1)) * 2**20
 
 
-@pytest.mark.parametrize("spec,kv_type,n_ctx", [(HF, "f16", 65536), (DENSE_SHARED, "f16", 40000), (HF, "f32", 16384)])
+# Contexts that are not whole 256-cell blocks (40000 → 40192, 1000 → 1024 cells) as well as ones that are.
+@pytest.mark.parametrize("spec,kv_type,n_ctx", [(HF, "f16", 65536), (DENSE_SHARED, "f16", 40000), (HF, "f32", 16384),
+                                                (DENSE_SHARED, "f32", 1000)])
 def test_weights_kv_and_compute_bytes_match_llama_cpp(converted, spec, kv_type, n_ctx):
     path = converted(spec, "q8_0")
     log, llama_weight_bytes, llama_params = _load_in_llama_cpp(path, n_ctx, kv_type)
-    kv_allocated = _mib(log, r"llama_kv_cache: size =\s*([\d.]+) MiB")
+    # "llama_kv_cache: size = 11.04 MiB ( 40192 cells, 3 layers, 1/1 seqs), K (f16): 11.04 MiB, V (f16): 0.00 MiB"
+    kv_line = re.search(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers.*"
+                        r"K \((\w+)\):\s*([\d.]+) MiB, V \(\w+\):\s*([\d.]+) MiB", log)
+    assert kv_line, "no KV cache line in llama.cpp's log"
+    kv_mib, cells, layers, k_type, k_mib, v_mib = kv_line.groups()
     compute_allocated = _mib(log, r"CPU compute buffer size =\s*([\d.]+) MiB")
     flash = re.search(r"flash_attn\s*=\s*(\w+)", log).group(1) == "enabled"
 
@@ -120,10 +126,14 @@ def test_weights_kv_and_compute_bytes_match_llama_cpp(converted, spec, kv_type, 
     assert sum(math.prod(t.shape) for t in model.tensors) == llama_params
     settings = Settings(n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash)
     p = plan(model, PROFILES["cpu-96GB"], settings)
-    assert abs(p.kv_bytes - kv_allocated) / kv_allocated < 0.05, (p.kv_bytes, kv_allocated)
-    assert p.kv_bytes == settings.kv_cells * kv_bytes_per_token(model, kv_type)
+    # The KV cache exactly: llama.cpp's cell count (padded to 256), its layers and type, and the bytes
+    # as far as its log prints them (MiB to 2 decimals); MLA caches the latent as K and no V.
+    assert (int(cells), int(layers), k_type) == (settings.kv_cells, model.n_layers, kv_type)
+    assert p.kv_bytes == int(cells) * kv_bytes_per_token(model, kv_type)
+    assert f"{p.kv_bytes / 2**20:.2f}" == kv_mib == k_mib and float(v_mib) == 0
+    # Measured 0.18-0.56 % over these four loads and n_ctx 1000-65536 (f16 and f32): the docstring's 1 %.
     estimate = p.devices[-1].other["compute buffer"]
-    assert abs(estimate - compute_allocated) / compute_allocated < 0.05, (estimate, compute_allocated)
+    assert abs(estimate - compute_allocated) / compute_allocated < 0.01, (estimate, compute_allocated)
 
 
 # --- placement on the built-in profiles ------------------------------------------------------

@@ -21,7 +21,7 @@ from quant.errors import SmallfourError
 from quant.gguf_io import read_header, read_tensor
 from quant_fixtures import KQUANT, KQUANT_FP8
 from smallfour.cli import app
-from smallfour.generate import ChatRequest, Sampling, continue_tokens
+from smallfour.generation import ChatRequest, Sampling, continue_tokens
 from smallfour.model import Model
 
 

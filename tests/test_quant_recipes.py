@@ -77,6 +77,10 @@ layers = "10-12"
 type = "iq4_xs"
 
 [[rules]]
+tensor = "ffn_down_exps"
+type = "Q3_K"
+
+[[rules]]
 pattern = 'blk\\.(5|6)\\.attn_q_b'
 type = "Q5_K"
 
@@ -92,12 +96,29 @@ def test_rules_first_match_wins_then_roles_then_default(slots):
     assert recipe.name == "mine"
     down = {i: choices[f"blk.{i}.ffn_down_exps.weight"] for i in range(N_LAYERS)}
     assert {i for i, t in down.items() if t == T.Q6_K} == {0, 1, 17, 32, 33, 34, 35}  # last 10 % of 36 → 4
-    assert down[10] == down[11] == down[12] == T.IQ4_XS and down[13] == T.Q4_K
+    # Rules 1, 2 and 3 all match ffn_down_exps of layers 10-12 or 17: the earlier rule decides.
+    assert down[10] == down[11] == down[12] == T.IQ4_XS and down[13] == T.Q3_K
     assert choices["blk.11.ffn_gate_up_exps.weight"] == T.IQ4_XS
     assert choices["blk.5.attn_q_b.weight"] == choices["blk.6.attn_q_b.weight"] == T.Q5_K
     assert choices["blk.7.attn_q_b.weight"] == T.Q8_0 and choices["output.weight"] == T.Q6_K
     assert choices["token_embd.weight"] == T.Q4_K and choices["blk.3.ffn_gate_shexp.weight"] == T.Q4_K
     assert choices["blk.4.ffn_gate_inp.weight"] == T.F32  # the router stays F32 whatever a rule says
+
+
+# The shipped presets put an edge-layer rule for ffn_down_exps before a rule that matches every
+# layer's ffn_down_exps (and sf-q2/sf-q4 a role rule between them): the edge layers must keep the
+# first rule's type. 11 % of 36 layers → the first 4 and the last 4.
+EDGE_LAYERS = {0, 1, 2, 3, 32, 33, 34, 35}
+
+
+@pytest.mark.parametrize(("name", "edge", "middle", "edge_gate_up"), [
+    ("sf-q4", T.Q6_K, T.Q5_K, T.Q5_K), ("sf-q2", T.Q4_K, T.Q3_K, T.Q3_K), ("sf-iq4", T.Q5_K, T.Q4_K, T.IQ4_XS)])
+def test_presets_edge_layers_take_the_first_matching_rule(slots, name, edge, middle, edge_gate_up):
+    choices = {n: c.qtype for n, c in assign_types(load_recipe(name), slots, N_LAYERS).items()}
+    down = {i: choices[f"blk.{i}.ffn_down_exps.weight"] for i in range(N_LAYERS)}
+    assert {i for i, t in down.items() if t == edge} == EDGE_LAYERS
+    assert all(down[i] == middle for i in set(range(N_LAYERS)) - EDGE_LAYERS)
+    assert {choices[f"blk.{i}.ffn_gate_up_exps.weight"] for i in EDGE_LAYERS} == {edge_gate_up}
 
 
 @pytest.mark.parametrize("text,message", [

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mistral_common.exceptions import InvalidRequestException
 from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.tokens.tokenizers import image as mc_image
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion, Tokenized
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV15
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -91,7 +89,6 @@ RELEASED_IDS = {
 class Built:
     directory: Path
     tekken: Path
-    hf_seconds: float
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +96,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     directory = tmp_path_factory.mktemp("smallfour_tokenizer")
     tekken = directory / "tekken.json"
     write_tekken_v15(tekken)
-    start = time.perf_counter()
     write_hf_tokenizer(directory, tekken)
-    hf_seconds = time.perf_counter() - start
     write_chat_template(directory)
-    return Built(directory=directory, tekken=tekken, hf_seconds=hf_seconds)
+    return Built(directory=directory, tekken=tekken)
 
 
 @pytest.fixture(scope="module")
@@ -296,10 +291,6 @@ def test_special_token_text_parses_to_tekken_ids(
     assert hf.encode(fixed).ids[:2] == [1, 17]
 
 
-def test_hf_conversion_is_fast(built: Built) -> None:
-    assert built.hf_seconds < 20, f"write_hf_tokenizer took {built.hf_seconds:.1f} s"
-
-
 CHAT_CASES: dict[str, tuple[list[dict[str, Any]], str | None]] = {
     "user_only": ([{"role": "user", "content": "Hello there! How are you today?"}], None),
     "system_user": (
@@ -367,22 +358,13 @@ def test_chat_template_is_what_mistral_common_derives_from_the_file(built: Built
     assert (built.directory / "chat_template.jinja").read_text(encoding="utf-8") == v15_chat_template()
 
 
-def _resize_without_opencv(image: Image.Image, new_size: tuple[int, int]) -> np.ndarray:
-    # mistral-common resizes with OpenCV, which is not installed; pixels do not affect ids.
-    array = np.asarray(image.convert("RGB").resize(new_size), dtype=np.float32)
-    return mc_image.normalize(array, mc_image.DATASET_MEAN, mc_image.DATASET_STD)
-
-
 def _png_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def test_image_chunk_encodes_and_template_marks_it(
-    mistral: MistralTokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(mc_image, "transform_image", _resize_without_opencv)
+def test_image_chunk_encodes_and_template_marks_it(mistral: MistralTokenizer) -> None:
     image = Image.new("RGB", (84, 56), "red")  # 3 x 2 tokens of 28 px (14 px patches, 2x2 merge)
     request = ChatCompletionRequest.from_openai(
         messages=[
@@ -399,6 +381,9 @@ def test_image_chunk_encodes_and_template_marks_it(
     start = encoded.tokens.index(10)
     assert encoded.tokens[start : start + 8] == [10, 10, 10, 12, 10, 10, 10, 13]
     assert len(encoded.images) == 1 and encoded.images[0].shape == (3, 56, 84)
+    # mistral-common's real OpenCV path: a plain red image stays plain red, normalized per channel.
+    red = (np.array([1.0, 0.0, 0.0]) - (0.48145466, 0.4578275, 0.40821073)) / (0.26862954, 0.26130258, 0.27577711)
+    np.testing.assert_allclose(encoded.images[0], np.broadcast_to(red[:, None, None], (3, 56, 84)), atol=1e-5)
 
     rendered = _render(v15_chat_template(), request.to_openai()["messages"])
     # The template marks an image with one [IMG]; the processor expands it into the grid.

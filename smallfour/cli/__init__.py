@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from smallfour.cli import batch, chat, convert, demo, doctor, imatrix, inspect, plan, quantize, run, store
+from smallfour.cli import batch, chat, convert, demo, doctor, imatrix, inspect, plan, quantize, run, serve, store
 from smallfour.console import err
 from smallfour.errors import SmallfourError
 
@@ -49,6 +49,7 @@ app.command(name="run")(run.run)
 app.command(name="demo")(demo.demo)
 app.command(name="chat")(chat.chat)
 app.command(name="batch")(batch.batch)
+app.command(name="serve")(serve.serve)
 app.command(name="pull")(store.pull)
 app.command(name="models")(store.models)
 app.command(name="rm")(store.rm)

@@ -6,7 +6,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -47,6 +47,21 @@ class _Bars(Progress):
         self.bars.update(self.task, advance=1, detail=f"{self.tokens / elapsed:.1f} tok/s{errors}")
 
 
+def confine_job_images(jobs: list, base: Path, allowed: list[Path]) -> None:
+    """Hold each line's images to the batch image policy (docs/batch.md); a line that breaks it gets an error line."""
+    from smallfour.batch import LineError
+    from smallfour.images import ImagePolicy
+    from smallfour.vision import confine_images
+
+    policy = ImagePolicy.confined(base, tuple(allowed))
+    for job in jobs:
+        if job.request is not None:
+            try:
+                job.request.messages = confine_images(job.request.messages, policy)
+            except SmallfourError as exc:
+                job.request, job.error = None, LineError("invalid_request", str(exc))
+
+
 @with_placement_options
 def batch(
     model: ModelRef,
@@ -67,6 +82,9 @@ def batch(
     threads: Threads = None,
     threads_batch: ThreadsBatch = None,
     verbose: Verbose = False,
+    allow_path: Annotated[Optional[list[Path]], typer.Option(
+        "--allow-path", metavar="DIR", help="Also let lines name images under DIR (by default only files under "
+                                            "INPUT's directory; repeatable). See docs/batch.md.")] = None,
     placement: PlacementFlags = None,
 ) -> None:
     """Run a batch of chat requests (OpenAI Batch JSONL) through one loaded model.
@@ -78,10 +96,13 @@ def batch(
     instant's; body fields override either; --think-budget applies to lines that think. Progress (requests,
     tokens/s, time left) goes to stderr.
     """
+    from convert.output import check_distinct
     from smallfour.batch import BatchOutput, load_projector, parse_jobs, read_input, run_jobs
-    from smallfour.generate import PRESETS
+    from smallfour.generation import PRESETS
     from smallfour.model import Model
-    from smallfour.planner import sequences_that_fit
+    from smallfour.hardware import detect_hardware
+    from smallfour.inventory import model_from_gguf
+    from smallfour.planner import Settings, sequences_that_fit
     from smallfour.store import resolve_gguf
 
     if preset not in PRESETS:
@@ -90,18 +111,20 @@ def batch(
     lines = read_input(input_file)
     requests = sum(1 for line in lines if line.strip())
     if parallel is None:
-        parallel = sequences_that_fit(path, ctx, placement.kv_type, flash_attn=placement.flash_attn,
+        settings = Settings(n_ctx=ctx, kv_type=placement.kv_type, flash_attn=placement.flash_attn)
+        parallel = sequences_that_fit(model_from_gguf(path), settings, detect_hardware(),
                                       most=max(1, min(8, requests)))
     layout = placement.resolve(path, ctx * parallel)
     output_path = None if output == "-" else Path(output)
-    if output_path is not None and input_file != "-" and output_path.exists() and Path(input_file).exists() \
-            and output_path.resolve() == Path(input_file).resolve():
-        raise SmallfourError("OUTPUT must not be the INPUT file")
+    if output_path is not None:
+        check_distinct([output_path], [path, *([Path(input_file)] if input_file != "-" else []),
+                                       *([mmproj] if mmproj is not None else [])])
     sink, done = BatchOutput.open(output_path, resume=resume, overwrite=overwrite)
     try:
         llm = Model.load(path, n_ctx=ctx, n_seq=parallel, verbose=verbose, kv_type=placement.kv_type,
                          placement=layout, n_threads=threads, n_threads_batch=threads_batch)
         jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab)
+        confine_job_images(jobs, Path(input_file).parent if input_file != "-" else Path.cwd(), allow_path or [])
         load_projector(llm, path, mmproj, jobs, gpu=layout.n_gpu_layers != 0)
         model_name = path.name.removesuffix(".gguf")
         with Interrupt() as interrupt, _Bars() as bars:

@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 
 from smallfour.cli.options import GgufOutput, Imatrix, Overwrite, QuantThreads, Recipe
-from smallfour.console import err, progress_bars
+from smallfour.console import err, note, progress_bars
 from smallfour.errors import SmallfourError
 
 
@@ -27,6 +27,9 @@ class ConversionProgress:
         self.progress.update(self.bytes_task, advance=source_bytes, description=tensor)
         if tensor_done:
             self.progress.update(self.tensor_task, advance=1)
+
+    def note(self, message: str) -> None:
+        note(message)
 
 
 def convert(

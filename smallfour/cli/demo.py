@@ -26,7 +26,7 @@ def demo(
     """Build the tiny built-in Mistral Small 4 model, convert it, and run one prompt on it."""
     from convert.writer import convert_checkpoint
     from smallfour.fixtures.checkpoint import DEMO_SPEC, build_fixture
-    from smallfour.generate import one_shot, resolve_request, user_turn
+    from smallfour.generation import one_shot, resolve_request, user_turn
 
     started = time.perf_counter()
     checkpoint = build_fixture(DEMO_SPEC)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -13,12 +15,18 @@ from smallfour.console import out
 _LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
 
 
-def doctor(as_json: AsJson = False) -> None:
+def doctor(
+    as_json: AsJson = False,
+    scan: Annotated[Optional[list[Path]], typer.Option("--scan", help="Also look in DIR for partial outputs left by "
+                                                                      "killed convert/quantize runs (the store and "
+                                                                      "the current directory are always "
+                                                                      "checked).")] = None,
+) -> None:
     """Check this install: llama.cpp backend (CPU/CUDA/Metal/Vulkan), GPUs, RAM, disk, versions — and what to fix."""
     from smallfour.doctor import collect
     from smallfour.store import human_bytes
 
-    report = collect()
+    report = collect(scan)
     failed = any(f["level"] == "fail" for f in report["findings"])
     if as_json:
         print(json.dumps(report, indent=2))

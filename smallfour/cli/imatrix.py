@@ -31,10 +31,12 @@ def imatrix(
 
     Run it on the precision you will quantize from: an F32, F16, BF16 or Q8_0 GGUF.
     """
+    from convert.output import check_distinct
     from smallfour.imatrix import collect_imatrix, read_calibration_text
     from smallfour.store import resolve_gguf
 
     path = resolve_gguf(model)
+    check_distinct([output], [path, text])
     read_calibration_text(text)  # fail on unreadable text before loading anything
     with progress_bars() as bars:
         task = bars.add_task("chunks", total=None, unit="chunks")

@@ -71,8 +71,8 @@ def plan(
 
     --recipe applies to --config and --model; a GGUF has its own types.
     """
-    from smallfour import inventory
-    from smallfour import planner
+    from smallfour import inventory, planner
+    from smallfour.model import default_threads
 
     the_model = _model(inventory, model, config, builtin, recipe)
     hardware = _hardware(hw_profile, gpu or [], ram)
@@ -80,10 +80,16 @@ def plan(
     settings = planner.Settings(n_ctx=ctx, kv_type=kv_type, n_batch=batch_size, flash_attn=flash_attn,
                                 mmproj_bytes=mmproj_bytes)
     result = planner.plan(the_model, hardware, settings)
+    parallel = planner.sequences_that_fit(the_model, settings, hardware) if result.fits else 0
+    threads = default_threads()
     if as_json:
-        print(json.dumps(result.as_json(), indent=2))
+        print(json.dumps(result.as_json() | {"parallel_sequences": parallel,
+                                             "threads": {"generate": threads[0], "prompt": threads[1]}}, indent=2))
     else:
         render(result, model_arg=str(model) if model else "MODEL.gguf")
+        if parallel:
+            out(f"parallel: {parallel} sequences of {ctx:,} tokens fit side by side (batch/serve --parallel, at "
+                f"most 16 counted); threads on this machine: {threads[0]} generating, {threads[1]} reading prompts")
     if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 

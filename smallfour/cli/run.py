@@ -15,7 +15,7 @@ from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, AsJson, Ctx, Eff
                                    TopP, Verbose, with_placement_options)
 from smallfour.console import err
 from smallfour.errors import SmallfourError
-from smallfour.messages import load_messages, read_json_file
+from smallfour.messages import check_messages, load_messages, read_json_file
 from smallfour.placing import PlacementFlags
 
 
@@ -24,7 +24,7 @@ def request_messages(prompt: str | None, messages_file: Path | None, system: str
     if messages_file is not None:
         if prompt is not None:
             raise SmallfourError("give either -p/--prompt or --messages, not both")
-        messages = load_messages(messages_file)
+        messages = check_messages(load_messages(messages_file), f"{messages_file}: messages")
     else:
         if prompt is None:
             if sys.stdin.isatty():
@@ -78,8 +78,8 @@ def run(
     Thinking goes to stderr (dimmed) so that stdout carries only the answer. --json prints one object instead:
     content, reasoning_content, tool_calls, usage, timings.
     """
-    from smallfour.generate import dry_run as render_only
-    from smallfour.generate import one_shot, resolve_request
+    from smallfour.generation import dry_run as render_only
+    from smallfour.generation import one_shot, resolve_request
     from smallfour.store import resolve_gguf
     from smallfour.vision import attach_images, check_images
 

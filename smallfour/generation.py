@@ -38,7 +38,12 @@ def prompt_with_images(model: Model, request: ChatRequest) -> tuple[str, list[in
         settings["tools"] = request.tools
     segments = render_segments(model.chat_template(), request.messages, **settings)
     tokens, spans = expand_request(model, request.messages, model.tokenize_prompt(segments))
-    return "".join(s.text for s in segments), tokens, spans
+    text = "".join(s.text for s in segments)
+    last = request.messages[-1]
+    if last.get("role") == "assistant" and not last.get("tool_calls") and tokens and model.is_end(tokens[-1]):
+        # A final assistant message is a prefix to continue (mistral-common's `prefix=True`): no `</s>`.
+        tokens, text = tokens[:-1], text.removesuffix("</s>")
+    return text, tokens, spans
 
 
 def stream_generate(model: Model, request: ChatRequest, *,
