@@ -522,9 +522,16 @@ def plan_for_load(model_path: Path, n_ctx: int, kv_type: str = "f16", hardware: 
 
 
 def sequences_that_fit(model: ModelInfo, settings: Settings, hardware: Hardware, *, most: int = 16) -> int:
-    """How many sequences of `settings.n_ctx` positions each (KV caches side by side) fit, up to `most` (≥ 1)."""
+    """How many sequences of `settings.n_ctx` positions each (KV caches side by side) fit, up to `most` (≥ 1).
+
+    They fit when the plan for all of them keeps the one-sequence layout: more sequences must not push
+    layers or experts off the GPUs (that would slow every token down).
+    """
+    alone = _place(model, settings, hardware)
     for count in range(most, 1, -1):
-        if _place(model, replace(settings, n_ctx=settings.n_ctx * count), hardware).fits:
+        together = _place(model, replace(settings, n_ctx=settings.n_ctx * count), hardware)
+        if together.fits and together.layout.gpu_start <= alone.layout.gpu_start \
+                and together.layout.cpu_experts <= alone.layout.cpu_experts:
             return count
     return 1
 

@@ -88,8 +88,10 @@ def plan(
     else:
         render(result, model_arg=str(model) if model else "MODEL.gguf")
         if parallel:
-            out(f"parallel: {parallel} sequences of {ctx:,} tokens fit side by side (batch/serve --parallel, at "
-                f"most 16 counted); threads on this machine: {threads[0]} generating, {threads[1]} reading prompts")
+            out(f"parallel: {parallel} sequence{'s' if parallel != 1 else ''} of {ctx:,} tokens fit side by side "
+                "with this layout (batch/serve --parallel; at most 16 counted)")
+        if not (hw_profile or gpu or ram):
+            out(f"threads: {threads[0]} generating (physical cores), {threads[1]} reading prompts (all cores)")
     if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
