@@ -305,6 +305,7 @@ class Engine:
 
     def step(self) -> None:
         """Admit what fits, then one `llama_decode` for every running slot."""
+        self._drop_stopped()
         self._admit()
         model = self.model
         for slot in self.slots:  # images go in one at a time, through libmtmd, before the shared batch
@@ -345,6 +346,16 @@ class Engine:
             return
         for slot, index in zip(wanting, (i for i in indices if i is not None), strict=True):
             self._advance(slot, index)
+
+    def _drop_stopped(self) -> None:
+        """Requests asked to stop (a client gone) leave the queue, or their slot while it reads the prompt;
+        generating slots poll `should_stop` after every token."""
+        for job in [job for job in self.queue if job.should_stop is not None and job.should_stop()]:
+            self.queue.remove(job)
+            job.error = SmallfourError("stopped before it started")
+        for slot in self.slots:
+            if slot.prefilling and slot.job.should_stop is not None and slot.job.should_stop():
+                slot.finish("interrupted")
 
     def _guard(self, slot: _Slot, action: Callable[[], None]) -> None:
         try:

@@ -116,7 +116,6 @@ class EngineThread(threading.Thread):
                 self.inbox.clear()
             for pending in arrived:
                 self._start(engine, pending)
-            self._drop_cancelled(engine)
             if engine.busy:
                 try:
                     engine.step()
@@ -165,15 +164,6 @@ class EngineThread(threading.Thread):
                 pending.post(index, type(event)("content", rest))
             apply_stop(event.result, pending.call.stop)
         pending.post(index, event)
-
-    def _drop_cancelled(self, engine: Engine) -> None:
-        """Requests whose client is gone leave the queue, or their slot, before the next step."""
-        for job in [job for job in engine.queue if job.should_stop()]:
-            engine.queue.remove(job)
-            job.error = SmallfourError("the client went away")
-        for slot in engine.slots:
-            if slot.job is not None and slot.prefilling and slot.job.should_stop():
-                slot.finish("interrupted")
 
     def _sweep(self) -> None:
         """Forget finished jobs; a job the engine failed reports its error to its request."""

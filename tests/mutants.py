@@ -6,8 +6,8 @@
 
 The repository's sources (smallfour/, convert/, quant/, tests/, pyproject.toml) are copied to a
 scratch directory once; each mutant edits one line there, runs a few targeted tests with the
-scratch copy first on PYTHONPATH (checked), and puts the line back. Fixture checkpoints come from
-the repository's own cache (no mutant touches what their hash covers). Each group of targets is
+scratch copy first on PYTHONPATH (checked), and puts the line back. Fixture checkpoints are hard
+links to the repository's cache (no mutant touches what their hash covers). Each group of targets is
 run once unmutated first: a mutant whose targets fail without it is reported, not scored.
 
 `issue` marks the mutants the tests of issue 18 were written for; the others are bugs those tests
@@ -150,9 +150,16 @@ def copy_sources(scratch: Path) -> None:
 
 
 def environment(scratch: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1")
-    env.setdefault("SMALLFOUR_CACHE", str(REPO / ".cache"))
-    return env
+    """The scratch copy first on the path, and a private fixture cache.
+
+    The cache starts as hard links to the repository's fixtures (no copy, no rebuild when the hash
+    matches); a fixture the copy hashes differently is built there, never over the shared one.
+    """
+    cache = scratch / ".cache"
+    shared = Path(os.environ.get("SMALLFOUR_CACHE", REPO / ".cache")) / "fixtures"
+    if shared.is_dir():
+        subprocess.run(["cp", "-al", str(shared), str(cache / "fixtures")], check=True)
+    return dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1", SMALLFOUR_CACHE=str(cache))
 
 
 def check_imports(scratch: Path, env: dict[str, str]) -> None:

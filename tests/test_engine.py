@@ -151,16 +151,11 @@ def test_stopping_one_request_leaves_the_others(converted):
         engine = Engine(model)
         request = resolve_request([{"role": "user", "content": "Count."}], temperature=0.0, max_tokens=12)
         _, tokens, _ = prompt_with_images(model, request)
-        steps = {"n": 0}
-
-        def stop_after_three() -> bool:
-            steps["n"] += 1
-            return steps["n"] >= 3
-
-        stopped = engine.submit(request, tokens, should_stop=stop_after_three)
+        pieces = []
+        stopped = engine.submit(request, tokens, should_stop=lambda: len(pieces) >= 3, on_event=pieces.append)
         going = engine.submit(request, tokens)
         while engine.busy:
             engine.step()
-    assert stopped.result.finish_reason == "interrupted" and stopped.result.completion_tokens == 3
+    assert stopped.result.finish_reason == "interrupted" and 3 <= stopped.result.completion_tokens < 12
     assert going.result.completion_tokens == 12 or going.result.finish_reason == "stop"
-    assert going.result.tokens[:3] == stopped.result.tokens
+    assert going.result.tokens[:stopped.result.completion_tokens] == stopped.result.tokens
