@@ -158,6 +158,7 @@ def environment(scratch: Path) -> dict[str, str]:
     cache = scratch / ".cache"
     shared = Path(os.environ.get("SMALLFOUR_CACHE", REPO / ".cache")) / "fixtures"
     if shared.is_dir():
+        cache.mkdir()
         subprocess.run(["cp", "-al", str(shared), str(cache / "fixtures")], check=True)
     return dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1", SMALLFOUR_CACHE=str(cache))
 
