@@ -8,6 +8,7 @@ memory map in row chunks (one expert slice at a time), so memory stays bounded.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, GGMLQuantizationType, GGU
 
 from convert.errors import ConversionError
 from convert.mistral4 import CHUNK_ELEMENTS
-from convert.output import NoProgress, Progress, atomic_output, check_outputs
+from convert.mmproj import mmproj_path
+from convert.output import NoProgress, Progress, atomic_outputs, check_outputs
 from quant.gguf_io import MAGIC, GGUFHeader, pack_kv, read_header, read_tensor
 from quant.imatrix import load_importance, tensor_importance
 from quant.names import layer_of, role_of
@@ -39,14 +41,20 @@ class RequantizeReport:
     source_bytes: int
     output_bytes: int
     fallbacks: list[str] = field(default_factory=list)
+    mmproj: Path | None = None  # the source's vision projector, copied beside the output
 
 
 def requantize(source: Path, output: Path, recipe: str, *, force: bool = False, progress: Progress | None = None,
-               imatrix: Path | None = None, threads: int | None = None) -> RequantizeReport:
+               imatrix: Path | None = None, threads: int | None = None,
+               mmproj: Path | None = None) -> RequantizeReport:
+    """Write `source` with `recipe`'s types to `output`; a given `mmproj` (the source's vision projector) is
+    copied to `OUTPUT-mmproj.gguf` in the same transaction: both files land, or neither does."""
     source, output = Path(source), Path(output)
     if not source.is_file():
         raise ConversionError(f"{source} does not exist")
-    check_outputs([output], [source, *([Path(imatrix)] if imatrix is not None else [])], force=force)
+    outputs = [output] + ([mmproj_path(output)] if mmproj is not None else [])
+    check_outputs(outputs, [source, *([Path(imatrix)] if imatrix is not None else []),
+                            *([Path(mmproj)] if mmproj is not None else [])], force=force)
     validate_recipe_spec(recipe)
     importance = load_importance(imatrix)
     header = read_header(source)
@@ -73,12 +81,15 @@ def requantize(source: Path, output: Path, recipe: str, *, force: bool = False, 
     if imatrix is not None:
         new_kv.append(pack_kv(METADATA_IMATRIX, Path(imatrix).name, GGUFValueType.STRING))
     progress = progress or NoProgress()
-    with atomic_output(output, note=progress.note) as temporary, open(temporary, "wb") as out:
-        written = _write(out, header, kept, new_kv, slots, choices, importance, threads, progress)
-        out.flush()
-        os.fsync(out.fileno())
+    with atomic_outputs(*outputs, note=progress.note) as temporaries:
+        with open(temporaries[0], "wb") as out:
+            written = _write(out, header, kept, new_kv, slots, choices, importance, threads, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        if mmproj is not None:
+            shutil.copyfile(mmproj, temporaries[1])
     return RequantizeReport(output, resolved.name, len(slots), sum(t.nbytes for t in header.tensors), written,
-                            fallback_lines(choices))
+                            fallback_lines(choices), outputs[1] if mmproj is not None else None)
 
 
 def _write(out, header: GGUFHeader, kept: list[str], new_kv: list[bytes], slots, choices, importance, threads,

@@ -94,6 +94,8 @@ def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_sp
     n_layers = ckpt.config.n_layers
     overhead = 0
     if recipe_spec.lower().startswith("fit:"):
+        # A budget the tensors alone exceed fails now, not after the vocabulary is read to measure the header.
+        resolve_recipe_spec(recipe_spec, slots, n_layers, importance, None)
         # The budget counts the whole file: measure the header a first writer would produce.
         scratch = gguf.GGUFWriter(path, ARCH)
         add_metadata(scratch, ckpt.config, model_name(ckpt.path), gguf.LlamaFileType.GUESSED)

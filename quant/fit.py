@@ -48,6 +48,7 @@ EDGE_FRACTION = 0.11
 
 _SIZE = re.compile(r"^\s*([\d.]+)\s*(tb|tib|gb|gib|mb|mib|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "mb": 10**6, "gb": 10**9, "tb": 10**12, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNIT_NAMES = {"b": "bytes", "mb": "MB", "gb": "GB", "tb": "TB", "mib": "MiB", "gib": "GiB", "tib": "TiB"}
 
 
 def parse_budget(text: str) -> int:
@@ -56,6 +57,13 @@ def parse_budget(text: str) -> int:
     if not m:
         raise SmallfourError(f"fit:{text}: cannot read the size; write e.g. fit:60GB or fit:56GiB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "gb").lower()])
+
+
+def in_unit_of(n: int, written: str) -> str:
+    """`n` bytes in the unit a `fit:SIZE` was written in (`fit:30MB` → "40.9 MB"), so an answer reads like the question."""
+    m = _SIZE.match(written)
+    unit = (m.group(2) or "gb").lower() if m else "gb"
+    return f"{n:,} bytes" if unit == "b" else f"{n / _UNITS[unit]:,.1f} {_UNIT_NAMES[unit]}"
 
 
 def _is_edge(layer: int | None, n_layers: int) -> bool:
@@ -70,7 +78,13 @@ def _kind(name: str) -> str:
 
 
 def fit_recipe(budget: int, slots: list[TensorSlot], n_layers: int, importance: dict[str, np.ndarray] | None = None, *,
-               overhead_bytes: int = 0, name: str = "fit") -> Recipe:
+               overhead_bytes: int | None = 0, name: str = "fit", written: str | None = None) -> Recipe:
+    """Routed-expert types per layer so the file lands under `budget` bytes (`written`: the SIZE as the user typed
+    it, for messages). `overhead_bytes` is the header and vocabulary; None when not measured yet, so a budget the
+    tensors alone exceed is refused before the (slow) measurement."""
+    written = written or f"{budget / 1e9:g}GB"
+    measured = overhead_bytes is not None
+    overhead_bytes = overhead_bytes or 0
     base = Recipe(name, T.Q8_0, BASE_ROLES)
     experts = [s for s in slots if s.role == ROLE_ROUTED_EXPERTS]
     fixed_bytes = overhead_bytes + sum(
@@ -91,8 +105,8 @@ def fit_recipe(budget: int, slots: list[TensorSlot], n_layers: int, importance: 
     rung = {s.name: 0 for s in experts}
     total = fixed_bytes + sum(size(s, 0) for s in experts)
     if total > budget:
-        raise SmallfourError(f"fit: {budget / 1e9:.2f} GB is too small; the smallest this model gets is "
-                             f"{total / 1e9:.2f} GB (experts {ladder[0].name}"
+        raise SmallfourError(f"fit:{written} is too small; the smallest this model gets is "
+                             f"{'' if measured else 'more than '}{in_unit_of(total, written)} (experts {ladder[0].name}"
                              f"{'' if with_imatrix else '; an imatrix allows IQ2 types'})")
 
     def best_step(s) -> tuple[float, int] | None:

@@ -29,11 +29,12 @@ METADATA_IMATRIX = "smallfour.imatrix"
 
 
 def resolve_recipe_spec(spec: str, slots: list[TensorSlot], n_layers: int,
-                        importance: dict[str, np.ndarray] | None = None, overhead_bytes: int = 0) -> Recipe:
-    """`spec` as a Recipe; `fit:SIZE` is solved here for these tensors (see quant.fit)."""
+                        importance: dict[str, np.ndarray] | None = None, overhead_bytes: int | None = 0) -> Recipe:
+    """`spec` as a Recipe; `fit:SIZE` is solved here for these tensors (see quant.fit; `overhead_bytes` None:
+    the header is not measured yet)."""
     if str(spec).lower().startswith("fit:"):
         return fit_recipe(parse_budget(spec[4:]), slots, n_layers, importance, overhead_bytes=overhead_bytes,
-                          name=f"fit:{spec[4:].strip()}")
+                          name=f"fit:{spec[4:].strip()}", written=spec[4:].strip())
     return load_recipe(spec)
 
 
@@ -49,9 +50,19 @@ def assign_types(recipe: Recipe, slots: list[TensorSlot], n_layers: int) -> dict
     return {s.name: recipe.choose(s.name, s.role, s.layer, s.shape, n_layers) for s in slots}
 
 
-def fallback_lines(choices: dict[str, TypeChoice]) -> list[str]:
-    return [f"{name}: {c.fallback_from.name} → {c.qtype.name} (row size not a multiple of the block)"
-            for name, c in choices.items() if c.fallback_from is not None]
+def fallback_lines(choices: dict[str, TypeChoice], shown: int = 3) -> list[str]:
+    """One line per (recipe type → written type): how many tensors fell back, the first `shown` named."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, c in choices.items():
+        if c.fallback_from is not None:
+            groups.setdefault((c.fallback_from.name, c.qtype.name), []).append(name)
+    lines = []
+    for (wanted, written), names in groups.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        count = f"{len(names)} tensors" if len(names) > 1 else "1 tensor"
+        lines.append(f"{wanted} → {written} for {count} whose rows are not a multiple of the block: "
+                     f"{', '.join(names[:shown])}{more}")
+    return lines
 
 
 def check_requirements(choices: dict[str, TypeChoice], slots: list[TensorSlot],

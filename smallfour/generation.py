@@ -94,8 +94,9 @@ def _collect(events: Iterator[Event], on_text: Callable[[str, str], None] | None
 
 def one_shot(model_path: Path, request: ChatRequest, *, n_ctx: int = 4096, verbose: bool = False,
              kv_type: str = "f16", placement: Placement | None = None, n_threads: int | None = None,
-             n_threads_batch: int | None = None, on_text: Callable[[str, str], None] | None = None, mmproj: Path | None = None) -> GenerationResult:
-    """Load, answer one request, free."""
+             n_threads_batch: int | None = None, on_text: Callable[[str, str], None] | None = None, mmproj: Path | None = None,
+             on_loaded: Callable[[], None] | None = None) -> GenerationResult:
+    """Load, answer one request, free; `on_loaded` is called once the model (and projector) are ready."""
     with Model.load(model_path, n_ctx=n_ctx, verbose=verbose, kv_type=kv_type, placement=placement,
                     n_threads=n_threads, n_threads_batch=n_threads_batch) as model:
         if mmproj is not None:
@@ -103,6 +104,8 @@ def one_shot(model_path: Path, request: ChatRequest, *, n_ctx: int = 4096, verbo
 
             attach_projector(model, open_projector(model, mmproj,
                                                    use_gpu=(placement or Placement()).n_gpu_layers != 0))
+        if on_loaded is not None:
+            on_loaded()
         return complete(model, request, on_text=on_text)
 
 

@@ -375,13 +375,14 @@ def parse_body(body: Any, *, preset: str | None = None, think_budget: int | None
 
 
 def request_from_body(body: Any, *, preset: str | None = None, think_budget: int | None = None,
-                      n_vocab: int | None = None) -> tuple[ChatRequest, tuple[str, ...]]:
-    """A body that answers with one complete choice (a batch line): its request and stop strings."""
+                      n_vocab: int | None = None, where: str = "batch jobs") -> tuple[ChatRequest, tuple[str, ...]]:
+    """A body that answers with one complete choice (a batch line, `run --messages`): its request and
+    stop strings. `where` names the front end in the refusal of `n` and `stream`."""
     call = parse_body(body, preset=preset, think_budget=think_budget, n_vocab=n_vocab)
     for name, value, default in (("n", call.n, 1), ("stream", call.stream, False)):
         if value != default:
             raise RequestError("invalid_request", f"body.{name} = {json.dumps(value)} is not supported by smallfour "
-                                                  "batch jobs", param=name)
+                                                  f"{where}", param=name)
     return call.request, call.stop
 
 

@@ -26,7 +26,7 @@ class PlacementFlags:
     split_mode: str = "layer"
     main_gpu: int = 0
     kv_type: str = "f16"
-    flash_attn: bool = False
+    flash_attn: bool = True  # as `plan` assumes: without it long contexts need far larger compute buffers
     plan: str = "check"
     force: bool = False
 

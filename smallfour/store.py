@@ -325,6 +325,35 @@ def _variant_hint(name: str) -> str:
     return re.split(r"[-.]", stem)[-1] or stem
 
 
+# --- keeping a GGUF under a short name ------------------------------------------------------------------
+
+
+def keep_gguf(source: Path, name: str, mmproj: Path | None = None) -> Path:
+    """Put `source` (and its projector, as NAME-mmproj.gguf) in the store as `name`, replacing what was there.
+
+    A hard link when the store is on the same file system (no copy of the weights), else a
+    copy; either way under a temporary name, then renamed, so the store never shows half a file.
+    """
+    target = gguf_dir() / f"{name}.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [(source, target)] + ([(mmproj, gguf_dir() / f"{name}-mmproj.gguf")] if mmproj is not None else [])
+    for origin, destination in pairs:
+        if destination.exists() and destination.samefile(origin):
+            continue
+        temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+        temporary.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(origin, temporary)
+            except OSError:
+                shutil.copyfile(origin, temporary)
+            os.replace(temporary, destination)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    return target
+
+
 # --- GGUF metadata, read from the header alone ------------------------------------------------------------
 
 

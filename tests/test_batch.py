@@ -191,8 +191,9 @@ def test_batch_answers_valid_lines_and_reports_bad_ones(converted, tokenizer, tm
         line("too-long", {"messages": [{"role": "user", "content": "word " * 800}], "max_tokens": 4}),
         line("seeded-1", {"messages": HELLO, "max_tokens": 4, "temperature": 1.0, "seed": 7}),
         line("seeded-2", {"messages": HELLO, "max_tokens": 4, "temperature": 1.0, "seed": 7}),
-        line("free-1", {"messages": HELLO, "max_tokens": 4, "temperature": 1.0}),
-        line("free-2", {"messages": HELLO, "max_tokens": 4, "temperature": 1.0}),
+        # 16 tokens at temperature 1: two free samples agree with negligible probability.
+        line("free-1", {"messages": HELLO, "max_tokens": 16, "temperature": 1.0}),
+        line("free-2", {"messages": HELLO, "max_tokens": 16, "temperature": 1.0}),
         line("last"),
     ]
     out = tmp_path / "out.jsonl"

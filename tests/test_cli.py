@@ -1,4 +1,4 @@
-"""The CLI contract: inspect, run (one-shot, dry run, JSON, stdin), verbose logging, demo."""
+"""The CLI contract: inspect, run (one-shot, dry run, JSON, stdin, stats), verbose logging, demo, store names, help."""
 
 from __future__ import annotations
 
@@ -102,12 +102,139 @@ def test_run_errors(tmp_path, converted):
     assert_one_line_error(run_cli("run", truncated, "-p", "x"), "could not load truncated.gguf")
 
 
-def test_demo_runs_end_to_end(checkpoint):
+def test_demo_runs_end_to_end_and_leaves_a_model_every_command_takes(checkpoint, tmp_path):
     checkpoint(NATIVE)  # the demo's fixture, shared with the session's cache
-    result = subprocess.run([*SMALLFOUR, "demo"], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    env = {**os.environ, "SMALLFOUR_HOME": str(tmp_path / "home")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*SMALLFOUR, *map(str, args)], capture_output=True, text=True, timeout=600, env=env,
+                              cwd=tmp_path)
+
+    result = cli("demo")
     assert result.returncode == 0, result.stderr
     assert "converted to GGUF (q8_0)" in result.stderr and "running through llama.cpp" in result.stderr
     assert result.stdout.strip()
+    store = tmp_path / "home" / "models"
+    assert sorted(p.name for p in store.iterdir()) == ["demo-mmproj.gguf", "demo.gguf"]
+    # The three commands it suggests run as printed (the shell expands ~: here the home is the test's).
+    suggested = [line.strip() for line in result.stderr.splitlines() if line.startswith("  smallfour ")]
+    assert [line.split()[1] for line in suggested] == ["chat", "run", "batch"], result.stderr
+    image = tmp_path / "home" / "demo" / "alps.png"
+    batch_input = tmp_path / "home" / "demo" / "batch.jsonl"
+    assert f"--image {image}" in suggested[1] and f"batch demo {batch_input} -o" in suggested[2]
+    again = cli("demo")  # a second demo replaces its own registration without complaint
+    assert again.returncode == 0 and "kept in the model store as `demo`" in again.stderr, again.stderr
+
+    listed = {m["name"]: m for m in json.loads(cli("models", "--json").stdout)["models"]}
+    assert (listed["demo"]["location"], listed["demo"]["mmproj"]) == ("store", "demo-mmproj.gguf")
+    seeing = cli("run", "demo", "--image", image, "-p", "What is in this picture?", "-n", "3", "--json")
+    assert seeing.returncode == 0 and json.loads(seeing.stdout)["usage"]["prompt_tokens"] > 20, seeing.stderr
+    batch = cli("batch", "demo", batch_input, "-o", "demo-results.jsonl")
+    assert batch.returncode == 0, batch.stderr
+    results = [json.loads(line) for line in (tmp_path / "demo-results.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == ["q1", "q2", "q3"] and all(r["error"] is None for r in results)
+    assert json.loads(cli("inspect", "demo", "--json").stdout)["architecture"] == "mistral4"
+    assert cli("plan", "demo", "--json").returncode == 0
+
+
+def test_run_stats_report_prompt_and_decode_tokens(converted):
+    result = run_cli("run", converted(HF, "q8_0"), "-p", "Bonjour", "-n", "5", "--seed", "1", "--stats", "--json")
+    assert result.returncode == 0, result.stderr
+    usage = json.loads(result.stdout)["usage"]
+    lines = dict(line.split(":", 1) for line in result.stderr.splitlines() if ":" in line)
+    assert set(lines) >= {"load", "prompt", "decode", "total"}, result.stderr
+    assert re.fullmatch(rf" {usage['prompt_tokens']} tokens in [\d.]+ s, [\d.]+ tok/s", lines["prompt"])
+    assert re.match(rf" {usage['completion_tokens'] - 1} tokens in [\d.]+ s, [\d.]+ tok/s \(5 generated",
+                    lines["decode"]), lines["decode"]
+
+
+def test_dry_run_reads_only_the_vocabulary(converted):
+    # No placement is computed or checked for a dry run: a placement flag it would refuse goes unread.
+    result = run_cli("run", converted(HF, "q8_0"), "-p", "hi", "--dry-run", "--plan", "bogus")
+    assert result.returncode == 0 and result.stdout.strip().endswith("[INST]hi[/INST]"), result.stderr
+    assert_one_line_error(run_cli("run", converted(HF, "q8_0"), "-p", "hi", "-n", "1", "--plan", "bogus"),
+                          "--plan 'bogus': expected auto or check")
+
+
+def test_a_trailing_assistant_message_is_continued(converted, tmp_path):
+    conversation = tmp_path / "continue.json"
+    conversation.write_text(json.dumps([{"role": "user", "content": "Name a colour."},
+                                        {"role": "assistant", "content": "The colour is"}]))
+    result = run_cli("run", converted(HF, "q8_0"), "--messages", conversation, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n").endswith("[/INST]The colour is"), result.stdout  # no </s>: it goes on
+
+
+def test_quantize_takes_store_names_and_carries_the_projector(converted, tmp_path):
+    source = converted(HF, "f32")
+    projector = source.with_name(source.stem + "-mmproj.gguf")
+    assert projector.is_file()
+    store = tmp_path / "home" / "models"
+    store.mkdir(parents=True)
+    (store / "tiny.gguf").symlink_to(source)
+    (store / "tiny-mmproj.gguf").symlink_to(projector)
+    env = {**os.environ, "SMALLFOUR_HOME": str(tmp_path / "home")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*SMALLFOUR, *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
+
+    out = tmp_path / "q.gguf"
+    result = cli("quantize", "tiny", "-o", out, "--recipe", "q8_0")
+    assert result.returncode == 0, result.stderr
+    carried = tmp_path / "q-mmproj.gguf"
+    assert carried.read_bytes() == projector.read_bytes()
+    assert f"wrote {carried} (vision projector" in result.stderr
+    # Refused before any work, in the unit the user wrote, and nothing lands (neither file).
+    small = cli("quantize", "tiny", "-o", tmp_path / "small.gguf", "--recipe", "fit:1MB")
+    line = assert_one_line_error(small, "fit:1MB is too small; the smallest this model gets is ")
+    assert re.search(r"is [\d,.]+ MB \(experts", line), line
+    assert small.stderr.startswith("error:")  # no empty line (or bar) before the error
+    assert not list(tmp_path.glob("small*"))
+    again = cli("quantize", out, "-o", tmp_path / "r.gguf", "--recipe", "q4_k")  # q.gguf is quantized: refused
+    assert_one_line_error(again, "is already quantized")
+    assert again.stderr.startswith("error:") and not list(tmp_path.glob("r*.gguf"))
+
+
+def test_every_model_argument_takes_a_store_name(tmp_path):
+    env = {**os.environ, "SMALLFOUR_HOME": str(tmp_path)}
+    for command in (["inspect"], ["plan"], ["quantize", "-o", tmp_path / "x.gguf", "--recipe", "q8_0"],
+                    ["imatrix", "-f", tmp_path / "t.txt", "-o", tmp_path / "i.gguf"], ["run", "-p", "x"]):
+        result = subprocess.run([*SMALLFOUR, command[0], "nowhere", *map(str, command[1:])], capture_output=True,
+                                text=True, timeout=300, env=env)
+        assert_one_line_error(result, "nowhere")
+
+
+def test_pipes_get_unwrapped_lines():
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    result = subprocess.run([*SMALLFOUR, "plan", "--model", "mistral-small-4", "--recipe", "q8_0", "--profile",
+                             "24GB+128GB"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    flags = next(line for line in result.stdout.splitlines() if line.startswith("as flags:"))
+    assert flags.endswith("--cpu-experts 32")
+    # The override regex of the parameters table is one line (grep finds it whole), not folded at 80 columns.
+    assert re.search(r"│ override_tensor +│ \[\"\^blk.*=CPU\"\] +│", result.stdout), result.stdout
+
+
+def test_app_has_version_and_short_help():
+    from importlib.metadata import version
+
+    assert run_cli("--version").stdout == f"smallfour {version('smallfour')}\n"
+    for args in (["-h"], ["run", "-h"], ["models", "-h"]):
+        result = run_cli(*args)
+        assert result.returncode == 0 and "Usage: " in result.stdout, result.stderr
+
+
+def test_flash_attention_defaults_agree():
+    from typer.main import get_command
+
+    from smallfour.cli import app
+    from smallfour.placing import PlacementFlags
+    from smallfour.planner import Settings
+
+    commands = get_command(app).commands
+    defaults = {name: next(p.default for p in commands[name].params if "--flash-attn" in p.opts)
+                for name in ("plan", "run", "chat", "batch", "serve", "imatrix")}
+    assert set(defaults.values()) == {True} and PlacementFlags().flash_attn is Settings().flash_attn is True
 
 
 def _declared_commands() -> dict[str, set[str]]:
@@ -129,6 +256,8 @@ def test_every_command_explains_itself(command):
     # Every option the command takes is shown (none lost to a hidden flag or a broken panel).
     shown = set(re.findall(r"--[a-z0-9][a-z0-9-]*", result.stdout))
     assert _declared_commands()[command] | {"--help"} <= shown, result.stdout
+    # Values read as words (TEXT, INTEGER, PATH), flags as nothing: no `<bool>`, `<list[str]>`, `<int range>`.
+    assert not re.search(r"<[a-z][a-z \[\]|]*>", result.stdout), result.stdout
 
 
 def test_typer_lives_only_in_the_cli_package():
@@ -170,7 +299,7 @@ def test_messages_files_are_checked_like_batch_lines(tmp_path, converted):
     bad_role = tmp_path / "robot.json"
     bad_role.write_text(json.dumps([{"role": "robot", "content": "hi"}]))
     assert_one_line_error(run_cli("run", model, "--messages", bad_role, "--dry-run"),
-                          "robot.json: messages[0].role must be one of system, user, assistant, tool")
+                          "robot.json: body.messages[0].role must be one of system, user, assistant, tool")
     not_a_list = tmp_path / "object.json"
     not_a_list.write_text(json.dumps({"role": "user"}))
     assert_one_line_error(run_cli("run", model, "--messages", not_a_list, "--dry-run"),
@@ -181,6 +310,16 @@ def test_messages_files_are_checked_like_batch_lines(tmp_path, converted):
         {"role": "user", "content": "hi"}]}))
     assert_one_line_error(run_cli("run", model, "--messages", image_in_system, "--dry-run"),
                           "messages[0].content[0]: only user messages take images")
+
+
+@pytest.mark.parametrize("role", ["system", "assistant", "tool"])
+def test_only_user_messages_take_images(role):
+    from smallfour.messages import MessageError, check_messages
+
+    image = {"type": "image_url", "image_url": {"url": "x.png"}}
+    check_messages([{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}])
+    with pytest.raises(MessageError, match=r"messages\[1\]\.content\[0\]: only user messages take images"):
+        check_messages([{"role": "user", "content": "hi"}, {"role": role, "content": [image]}])
 
 
 def test_shared_options_read_the_same_everywhere():

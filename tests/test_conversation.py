@@ -143,3 +143,54 @@ def test_unknown_effort_and_preset(converted):
     assert bad_effort.returncode == 1 and "accepts none or high" in bad_effort.stderr
     bad_preset = run_cli("run", model, "-p", "x", "--preset", "turbo")
     assert bad_preset.returncode == 1 and "unknown preset" in bad_preset.stderr
+
+
+def test_cli_messages_body_goes_through_the_openai_layer(tmp_path, converted, reference):
+    """A --messages file may be a whole chat-completions body, read as batch and serve read one:
+    role developer is the system message, legacy functions / function_call / role function are
+    tools / tool calls / tool results, pretty-printed arguments are re-serialised, and
+    reasoning_effort "medium" runs as "high"."""
+    tools = TOOLS
+    body = {"reasoning_effort": "medium", "functions": [tools[0]["function"]], "messages": [
+        {"role": "developer", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "get_weather", "arguments": '{\n  "city":   "Paris"\n}'}},
+        {"role": "function", "name": "get_weather", "tool_call_id": "abc123def", "content": "{\"temp\": 21}"},
+        {"role": "user", "content": "Thanks"}]}
+    path = tmp_path / "body.json"
+    path.write_text(json.dumps(body))
+    result = run_cli("run", converted(HF, "q8_0"), "--messages", path, "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "'medium' runs as 'high'" in result.stderr
+    translated = [
+        {"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "abc123def", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "abc123def", "content": "{\"temp\": 21}"},
+        {"role": "user", "content": "Thanks"}]
+    expected = reference.encode_chat_completion(ChatCompletionRequest.from_openai(translated, tools=tools,
+                                                                                   reasoning_effort="high"))
+    assert json.loads(result.stdout)["tokens"] == expected.tokens
+    # Fields run cannot honour are refused by name, as batch refuses them.
+    path.write_text(json.dumps(body | {"stream": True}))
+    refused = run_cli("run", converted(HF, "q8_0"), "--messages", path, "--dry-run")
+    assert refused.returncode == 1 and "body.stream = true is not supported by smallfour run" in refused.stderr
+
+
+def test_cli_messages_body_stop_cuts_the_answer(tmp_path, converted):
+    """A body's `stop` ends the answer before the stop string, streamed or --json, as batch and serve do."""
+    model = converted(HF, "q8_0")
+    body = {"messages": [{"role": "user", "content": "Count."}], "temperature": 0, "max_tokens": 24}
+    path = tmp_path / "body.json"
+    path.write_text(json.dumps(body))
+    full = run_cli("run", model, "--messages", path, "--json")
+    assert full.returncode == 0, full.stderr
+    content = json.loads(full.stdout)["content"]
+    assert len(content) >= 8, content  # the fixture model writes something to cut
+    stop = content[len(content) // 2:len(content) // 2 + 3]
+    cut = content[:content.find(stop)]
+    path.write_text(json.dumps(body | {"stop": [stop]}))
+    answer = json.loads(run_cli("run", model, "--messages", path, "--json").stdout)
+    assert (answer["content"], answer["finish_reason"]) == (cut, "stop")
+    streamed = run_cli("run", model, "--messages", path)
+    assert streamed.returncode == 0 and streamed.stdout == cut + "\n"

@@ -89,19 +89,28 @@ def test_greedy_generation_agrees(checkpoint, converted, tmp_path_factory):
         assert got_tokens == ref_tokens
 
 
-# Measured on this fixture over 8 random sequences (max / mean relative error, mean top-1 agreement):
-# f16 6.5e-3 / 1.7e-3 / 1.00, bf16 3.2e-2 / 1.1e-2 / 0.98, q8_0 1.4e-1 / 5.9e-2 / 0.95. The random
-# router is sharp, so a rounding change that flips one expert moves a whole position's logits:
-# bars sit at about twice the worst seen.
-@pytest.mark.parametrize(("recipe", "tolerance", "agreement"),
-                         [("f16", 2e-2, 0.98), ("bf16", 8e-2, 0.9), ("q8_0", 0.3, 0.85)])
-def test_reduced_precision_stays_close(recipe, tolerance, agreement, checkpoint, converted, tmp_path_factory):
+# Measured on this fixture over 120 random sequences of 40 tokens (4800 positions), per type:
+#                  median per-position relative error   top-1 agreement   worst sequence's max error
+#   f16            6.8e-4 (any 8 sequences: ≤ 7.3e-4)    0.999 (8 seqs ≥ 0.991)    2.4e-2
+#   bf16           5.4e-3 (any 8 sequences: ≤ 5.8e-3)    0.986 (8 seqs ≥ 0.953)    7.0e-2
+#   q8_0           2.9e-2 (any 8 sequences: ≤ 3.1e-2)    0.928 (8 seqs ≥ 0.866)    1.2e-1
+# The random router is sharp: a rounding change that flips one expert moves a whole position's
+# logits, so the max error and a few positions' argmax are heavy-tailed. The median over 320
+# positions is not: it carries the tight bar (about 2× the worst 8-sequence median seen, below
+# the next coarser type), top-1 agreement over 320 positions the next (the single-sequence noise
+# that once gave f16 0.975 on 80 positions averages out), and the max error only a loose one.
+@pytest.mark.parametrize(("recipe", "median_bar", "agreement", "max_bar"),
+                         [("f16", 1.5e-3, 0.98, 5e-2), ("bf16", 1.2e-2, 0.94, 0.15), ("q8_0", 5e-2, 0.85, 0.25)])
+def test_reduced_precision_stays_close(recipe, median_bar, agreement, max_bar, checkpoint, converted,
+                                       tmp_path_factory):
     model = reference_model(checkpoint(HF), tmp_path_factory.getbasetemp())
-    seed, sequences = fresh_tokens(40)
-    agree = []
+    seed, sequences = fresh_tokens(40, count=8)
+    per_position, agree, worst = [], [], 0.0
     for tokens, got in zip(sequences, llama_logits(converted(HF, recipe), sequences)):
         ref = reference_logits(model, tokens)
-        error = relative_error(got, ref)
-        assert error < tolerance, f"seed {seed}: {recipe} relative error {error:.2e}"
-        agree.append((got.argmax(-1) == ref.argmax(-1)).mean())
-    assert np.mean(agree) >= agreement, f"seed {seed}: {recipe} top-1 agreement {np.mean(agree):.2f}"
+        per_position += (np.abs(got - ref).max(-1) / np.abs(ref).max(-1)).tolist()
+        agree += (got.argmax(-1) == ref.argmax(-1)).tolist()
+        worst = max(worst, relative_error(got, ref))
+    median, top1 = float(np.median(per_position)), float(np.mean(agree))
+    summary = f"seed {seed}: {recipe} median {median:.2e}, top-1 {top1:.3f}, max {worst:.2e}"
+    assert median < median_bar and top1 >= agreement and worst < max_bar, summary

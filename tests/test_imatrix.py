@@ -171,6 +171,20 @@ def test_importance_rows_follow_the_tensor_shape():
         importance_rows(experts, "blk.0.ffn_down_exps.weight", (16, 512, 256))
 
 
+def test_importance_is_the_mean_and_one_for_an_expert_never_routed():
+    """llama-quantize's rule (tools/quantize: "this tensor never got any input"): sums / count, and
+    1.0 for every column of an expert whose count is 0, so it is quantized without a preference."""
+    from quant.imatrix import Imatrix
+
+    _, rng = fresh_rng()
+    sums = rng.random((4, 32)).astype(np.float32)
+    counts = np.array([3, 0, 7, 1], dtype=np.int64)
+    mean = Imatrix({"blk.0.ffn_down_exps.weight": sums}, {"blk.0.ffn_down_exps.weight": counts}).importance()
+    got = mean["blk.0.ffn_down_exps.weight"]
+    np.testing.assert_allclose(got[[0, 2, 3]], sums[[0, 2, 3]] / counts[[0, 2, 3], None], rtol=1e-6)
+    np.testing.assert_array_equal(got[1], np.ones(32, np.float32))
+
+
 def test_wrong_files_are_refused_clearly(tmp_path, converted):
     with pytest.raises(ImatrixError, match="does not exist"):
         load_imatrix(tmp_path / "missing.gguf")

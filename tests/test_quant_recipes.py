@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from quant.errors import SmallfourError
@@ -47,6 +48,11 @@ def test_presets_keep_router_and_norms_f32_and_report_fallbacks(name, slots):
     k_b = choices["blk.0.attn_k_b.weight"]
     assert (k_b.fallback_from is not None) == (k_b.qtype != load_recipe(name).target("blk.0.attn_k_b.weight",
                                                                                       "attention", 0, N_LAYERS))
+    # llama.cpp falls back to a 32-value block type of about the same size, never to F16.
+    if k_b.fallback_from is not None:
+        fallback_bpw = 8 * GGML_QUANT_SIZES[k_b.qtype][1] / GGML_QUANT_SIZES[k_b.qtype][0]
+        wanted_bpw = 8 * GGML_QUANT_SIZES[k_b.fallback_from][1] / GGML_QUANT_SIZES[k_b.fallback_from][0]
+        assert GGML_QUANT_SIZES[k_b.qtype][0] == 32 and wanted_bpw <= fallback_bpw <= wanted_bpw + 2.5, k_b
 
 
 def test_imatrix_preset_refuses_without_imatrix(slots):
@@ -195,8 +201,10 @@ def test_fit_with_importance_spends_where_importance_is_high(slots):
 
 
 def test_fit_too_small_says_the_minimum(slots):
-    with pytest.raises(SmallfourError, match=r"fit: 30.00 GB is too small; the smallest this model gets is 4\d\.\d\d GB"):
+    with pytest.raises(SmallfourError, match=r"fit:30GB is too small; the smallest this model gets is 4\d\.\d GB"):
         fit_recipe(30 * 10**9, slots, N_LAYERS)
+    with pytest.raises(SmallfourError, match=r"fit:30000MB is too small; the smallest this model gets is 4\d,\d{3}\.\d MB"):
+        fit_recipe(30 * 10**9, slots, N_LAYERS, written="30000MB")
 
 
 def test_planner_sizes_presets_and_fit_like_the_converter(slots):

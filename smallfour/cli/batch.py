@@ -13,7 +13,7 @@ import typer
 from smallfour.batch import Progress
 from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, Ctx, Mmproj, ModelRef, Parallel, Preset, ThinkBudget,
                                    Threads, ThreadsBatch, Verbose, with_placement_options)
-from smallfour.console import err, progress_bars
+from smallfour.console import Loading, err, progress_bars
 from smallfour.errors import SmallfourError
 from smallfour.interrupt import Interrupt
 from smallfour.placing import PlacementFlags
@@ -121,11 +121,12 @@ def batch(
                                        *([mmproj] if mmproj is not None else [])])
     sink, done = BatchOutput.open(output_path, resume=resume, overwrite=overwrite)
     try:
-        llm = Model.load(path, n_ctx=ctx, n_seq=parallel, verbose=verbose, kv_type=placement.kv_type,
-                         placement=layout, n_threads=threads, n_threads_batch=threads_batch)
-        jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab)
-        confine_job_images(jobs, Path(input_file).parent if input_file != "-" else Path.cwd(), allow_path or [])
-        load_projector(llm, path, mmproj, jobs, gpu=layout.n_gpu_layers != 0)
+        with Loading(path.name, quiet=verbose):
+            llm = Model.load(path, n_ctx=ctx, n_seq=parallel, verbose=verbose, kv_type=placement.kv_type,
+                             placement=layout, n_threads=threads, n_threads_batch=threads_batch)
+            jobs = parse_jobs(lines, preset=preset, think_budget=think_budget, n_vocab=llm.n_vocab)
+            confine_job_images(jobs, Path(input_file).parent if input_file != "-" else Path.cwd(), allow_path or [])
+            load_projector(llm, path, mmproj, jobs, gpu=layout.n_gpu_layers != 0)
         model_name = path.name.removesuffix(".gguf")
         with Interrupt() as interrupt, _Bars() as bars:
             summary = run_jobs(llm, jobs, sink, model_name=model_name, done=done, progress=bars,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +13,7 @@ from rich.text import Text
 from smallfour.cli.options import (DEFAULT_CTX, DEFAULT_PRESET, Ctx, Effort, MaxTokens, Mmproj, ModelRef, Preset, Seed,
                                    System, Temperature, ThinkBudget, Threads, ThreadsBatch, TopK, TopP, Verbose,
                                    with_placement_options)
-from smallfour.console import stderr
+from smallfour.console import Loading
 from smallfour.errors import SmallfourError
 from smallfour.placing import PlacementFlags
 
@@ -69,7 +68,7 @@ def chat(
     session.request()  # bad --preset / --effort fail here, before the model loads
     layout = placement.resolve(model, ctx)
     console = Console(highlight=False)
-    with stderr.status(f"loading {model.name}…", spinner="dots") if not verbose else nullcontext():
+    with Loading(model.name, quiet=verbose):
         session.model = Model.load(model, n_ctx=ctx, verbose=verbose, kv_type=placement.kv_type, placement=layout,
                                    n_threads=threads, n_threads_batch=threads_batch)
     request = session.request()

@@ -18,8 +18,13 @@ class ConversionProgress:
 
     def __init__(self, progress: Progress):
         self.progress = progress
+        # Reading the source's index, configs and vocabulary takes seconds before the first byte is counted: a
+        # pulsing bar shows the work has begun (on a terminal only; a log gets no bar that never moved).
+        self.preparing = progress.add_task("preparing", total=None) if progress.console.is_terminal else None
 
     def start(self, total_bytes: int, total_tensors: int) -> None:
+        if self.preparing is not None:
+            self.progress.remove_task(self.preparing)
         self.bytes_task = self.progress.add_task("reading", total=total_bytes, unit="bytes")
         self.tensor_task = self.progress.add_task("tensors", total=total_tensors, unit="tensors")
 

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated
-
-import typer
 from rich.table import Table
 
-from smallfour.cli.options import AsJson
+from smallfour.cli.options import AsJson, ModelRef
 from smallfour.console import out
 
 
 def inspect(
-    model: Annotated[Path, typer.Argument(help="GGUF file.")],
+    model: ModelRef,
     as_json: AsJson = False,
 ) -> None:
     """Show a GGUF's architecture, hyper-parameters, tokenizer and tensors grouped by role."""
     from smallfour.inspect import describe
+    from smallfour.store import resolve_gguf
 
-    info = describe(model)
+    info = describe(resolve_gguf(model))
     if as_json:
         print(json.dumps(info, indent=2))
         return

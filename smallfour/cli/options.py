@@ -104,7 +104,9 @@ _PLACEMENT_OPTIONS = {
         help="GPU for the whole model with --split-mode none, and for scratch buffers.")],
     "kv_type": KvType,
     "flash_attn": Annotated[bool, typer.Option(
-        "--flash-attn/--no-flash-attn", rich_help_panel=PLACEMENT_HELP, help="Use flash attention.")],
+        "--flash-attn/--no-flash-attn", rich_help_panel=PLACEMENT_HELP,
+        help="Use flash attention (as `smallfour plan` assumes; without it long contexts need far larger compute "
+             "buffers).")],
     "plan": Annotated[str, typer.Option(
         "--plan", rich_help_panel=PLACEMENT_HELP,
         help="auto: place layers, experts and the GPU split as `smallfour plan` decides (your placement flags are "

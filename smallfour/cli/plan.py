@@ -40,7 +40,8 @@ ROLE_LABELS = {
 
 
 def plan(
-    model: Annotated[Optional[Path], typer.Argument(help="GGUF file to plan for; or use --config / --model.")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="GGUF to plan for (a file, a name from smallfour models, "
+                                                        "or a pulled GGUF repo); or use --config / --model.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="config.json or params.json (or a checkpoint "
                                                                     "directory): plan before downloading "
                                                                     "anything.")] = None,
@@ -65,12 +66,18 @@ def plan(
                                                                     "model.")] = None,
     vision: Annotated[bool, typer.Option("--vision", help="Count the real projector (≈0.8 GB) without a "
                                                           "file.")] = False,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="vllm or sglang: print the serve command for "
+                                                                   "the original FP8 release on --profile / --gpu "
+                                                                   "instead (no model argument).")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Plan where the model goes — GPUs, CPU RAM, KV cache — before loading it. Exit code 3: it does not fit.
 
     --recipe applies to --config and --model; a GGUF has its own types.
     """
+    if engine is not None:
+        _plan_engine(engine, model, config, builtin, _hardware(hw_profile, gpu or [], ram), as_json)
+        return
     from smallfour import inventory, planner
     from smallfour.model import default_threads
 
@@ -96,12 +103,42 @@ def plan(
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
-def _model(inventory, path: Path | None, config: Path | None, builtin: str | None, recipe: str):
+def _plan_engine(engine: str, model: Path | None, config: Path | None, builtin: str | None, hardware,
+                 as_json: bool) -> None:
+    """`plan --engine`: the vLLM / SGLang command for the FP8 release (`smallfour.scale`)."""
+    from smallfour import scale
+
+    if model is not None or config is not None or builtin is not None:
+        raise SmallfourError(f"--engine plans the original FP8 release ({scale.FP8_REPO}); give it no model, "
+                             "only --profile or --gpu")
+    result = scale.plan_scale(engine.lower(), hardware)
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+    elif not result.fits:
+        out((scale.does_not_fit(result), "bold red"))
+    else:
+        replicas = f", {result.data_parallel} replicas (data parallel)" if result.data_parallel > 1 else ""
+        out((f"{scale.FP8_REPO} (FP8) with {engine.lower()} on {hardware.name}: tensor parallel "
+             f"{result.tensor_parallel}{replicas}, context {result.max_model_len:,} tokens", "bold"))
+        out(f"per GPU ({scale.GPU_MEMORY_UTILIZATION:.0%} of {_gib(result.gpu_bytes)} GiB = "
+            f"{_gib(result.budget_bytes)} GiB): weights {_gib(result.weights_bytes / result.tensor_parallel)} GiB "
+            f"(1/{result.tensor_parallel} of {result.weights_bytes / 1e9:,.1f} GB), overhead "
+            f"{_gib(scale.ENGINE_OVERHEAD_BYTES)} GiB, KV cache room {result.kv_tokens:,} tokens "
+            f"({result.kv_bytes_per_token:,} bytes/token; the MLA latent is replicated on every rank) = "
+            f"{result.kv_tokens / result.max_model_len:,.1f} full-length sequences at once per replica")
+        print(" ".join(result.command()))  # plain print: one copy-pasteable line, never wrapped
+    if not result.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _model(inventory, path: str | None, config: Path | None, builtin: str | None, recipe: str):
     chosen = [x for x in (path, config, builtin) if x is not None]
     if len(chosen) != 1:
         raise SmallfourError("plan needs exactly one of: a GGUF file, --config FILE, or --model mistral-small-4")
     if path is not None:
-        return inventory.model_from_gguf(path)
+        from smallfour.store import resolve_gguf
+
+        return inventory.model_from_gguf(resolve_gguf(path))
     if builtin is not None:
         if builtin.lower() != inventory.REAL_MODEL_NAME:
             raise SmallfourError(f"unknown built-in model {builtin!r}; the one built in is {inventory.REAL_MODEL_NAME}")
