@@ -63,6 +63,8 @@ HELP = [
     ("/set NAME VALUE", "temperature, top-p, top-k, max-tokens, seed, think-budget (no argument: show all)"),
     ("/think", "show the thinking of the last turn"),
     ("/stats", "last turn's speed, prompt tokens reused from the cache, context used"),
+    ("/retry", "answer your last message again (its reply is replaced)"),
+    ("/undo", "take back your last message and its reply"),
     ("/reset", "forget the conversation (the system prompt stays)"),
     ("/save FILE", "write the conversation as a JSON messages list (`smallfour run --messages FILE` reads it)"),
     ("/load FILE", "replace the conversation with a JSON messages list"),
@@ -298,8 +300,14 @@ class _TurnView:
 
 
 def run_turn(session: Session, console: Console, text: str, *, live: bool) -> None:
-    """Send one user message, stream the reply, keep it in the conversation."""
-    session.messages.append({"role": "user", "content": with_images(text, session.images)})
+    """Send one user message (with the images attached since the last one), stream the reply, keep both."""
+    send(session, console, {"role": "user", "content": with_images(text, session.images)}, live=live)
+    session.images = []  # they went with this message
+
+
+def send(session: Session, console: Console, message: dict[str, Any], *, live: bool) -> None:
+    """Append `message`, stream the model's reply, keep it in the conversation (or drop both on an error)."""
+    session.messages.append(message)
     try:
         request = session.request()
     except SmallfourError:
@@ -348,7 +356,6 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
     if not live and streamed["channel"] is not None:
         console.file.write("\n")
 
-    session.images = []  # they went with this message
     session.turns += 1
     reused = result.cached_tokens
     session.last = TurnStats(result, request.effort or "none", reused, result.prompt_tokens - reused, interrupted,
@@ -538,6 +545,15 @@ def run_command(session: Session, console: Console, line: str) -> bool:
                                                    else " (/effort high turns thinking on)"))
     elif name == "/stats":
         show_stats(session, console)
+    elif name in ("/retry", "/undo"):
+        start = _last_user_message(session, name)
+        message, dropped = session.messages[start], len(session.messages) - start
+        session.messages, session.last = session.messages[:start], None
+        if name == "/undo":
+            note(f"took back your last message and its reply ({dropped} message{'s' if dropped != 1 else ''}); "
+                 f"{len(session.messages)} left")
+        else:
+            send(session, console, message, live=_live(console))
     elif name == "/reset":
         session.messages, session.last = [], None
         note("conversation cleared" + (" (system prompt kept)" if session.system else ""))
@@ -562,6 +578,14 @@ def run_command(session: Session, console: Console, line: str) -> bool:
     else:
         raise SmallfourError(f"unknown command {name}; /help lists them")
     return True
+
+
+def _last_user_message(session: Session, command: str) -> int:
+    """Where the last exchange starts: the index of the user's last message."""
+    for index in range(len(session.messages) - 1, -1, -1):
+        if session.messages[index].get("role") == "user":
+            return index
+    raise SmallfourError(f"{command}: no message of yours in the conversation yet")
 
 
 def attach_image(session: Session, source: str):
@@ -591,7 +615,7 @@ def _noter(console: Console) -> Callable[[str], None]:
 
 def repl(session: Session, console: Console, editor: LineEditor) -> None:
     """Read entries until Ctrl-D or /exit; no entry ends it otherwise, and each one is autosaved."""
-    live = console.is_terminal and not console.is_dumb_terminal
+    live = _live(console)
     while True:
         try:
             entry = read_entry(editor.read_line)
@@ -623,6 +647,11 @@ def repl(session: Session, console: Console, editor: LineEditor) -> None:
             autosave(session)
         except (SmallfourError, OSError) as exc:
             _error(console, f"autosave failed: {exc}")
+
+
+def _live(console: Console) -> bool:
+    """Replies render live (a footer, Markdown) on a real terminal; elsewhere they stream as plain text."""
+    return console.is_terminal and not console.is_dumb_terminal
 
 
 def _error(console: Console, message: str) -> None:

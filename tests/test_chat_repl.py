@@ -162,3 +162,22 @@ def test_no_command_ends_the_repl_and_every_turn_is_saved(converted, tmp_path):
     refused = subprocess.run([*chat, "--load", str(tmp_path / "latin1.json")], input="", capture_output=True,
                              text=True, cwd=tmp_path, env=env, timeout=300)
     assert_one_line_error(refused, "not UTF-8")
+
+
+def test_retry_answers_again_and_undo_takes_back(converted, tmp_path):
+    model = converted(HF, "q8_0")
+    env = {**os.environ, "SMALLFOUR_HOME": str(tmp_path / "home")}
+    script = "\n".join(["/retry", "hello", "/save one.json", "/retry", "/save two.json", "/undo", "/undo", "second", ""])
+    chat = [*SMALLFOUR, "chat", str(model), "--ctx", "1024", "-n", "8", "--temperature", "0"]
+    result = subprocess.run(chat, input=script, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in output, output
+    errors = [line.removeprefix(PROMPT).strip() for line in result.stdout.splitlines() if "error: " in line]
+    assert errors == ["error: /retry: no message of yours in the conversation yet",
+                      "error: /undo: no message of yours in the conversation yet"], output
+    first, retried = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert [m["role"] for m in first] == ["user", "assistant"] and first[1]["content"]
+    assert retried == first  # the same message again, answered again (greedy: the same reply), not appended
+    assert "took back your last message and its reply (2 messages); 0 left" in result.stdout, output
+    saved = next((tmp_path / "home" / "chats").glob("*.json"))
+    assert [m["content"] for m in json.loads(saved.read_text()) if m["role"] == "user"] == ["second"]

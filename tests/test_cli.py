@@ -186,17 +186,22 @@ def test_quantize_takes_store_names_and_carries_the_projector(converted, tmp_pat
     assert f"wrote {carried} (vision projector" in result.stderr
     # Refused before any work, in the unit the user wrote, and nothing lands (neither file).
     small = cli("quantize", "tiny", "-o", tmp_path / "small.gguf", "--recipe", "fit:1MB")
-    line = assert_one_line_error(small, "fit:1MB is too small; the smallest this model gets is ")
-    assert re.search(r"is [\d,.]+ MB \(experts", line), line
+    assert_one_line_error(small, "fit:1MB is too small; the smallest this model gets is ")
+    assert re.search(r"is [\d,.]+ MB \(experts", small.stderr), small.stderr
     assert small.stderr.startswith("error:")  # no empty line (or bar) before the error
     assert not list(tmp_path.glob("small*"))
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(800)))
+    collected = cli("imatrix", "tiny", "-f", text, "-o", tmp_path / "imatrix.gguf", "--chunks", "1")
+    assert collected.returncode == 0 and (tmp_path / "imatrix.gguf").is_file(), collected.stderr
     again = cli("quantize", out, "-o", tmp_path / "r.gguf", "--recipe", "q4_k")  # q.gguf is quantized: refused
     assert_one_line_error(again, "is already quantized")
     assert again.stderr.startswith("error:") and not list(tmp_path.glob("r*.gguf"))
 
 
-def test_every_model_argument_takes_a_store_name(tmp_path):
+def test_a_missing_model_name_is_one_line_everywhere(tmp_path):
     env = {**os.environ, "SMALLFOUR_HOME": str(tmp_path)}
+    (tmp_path / "t.txt").write_text("calibration text " * 400)
     for command in (["inspect"], ["plan"], ["quantize", "-o", tmp_path / "x.gguf", "--recipe", "q8_0"],
                     ["imatrix", "-f", tmp_path / "t.txt", "-o", tmp_path / "i.gguf"], ["run", "-p", "x"]):
         result = subprocess.run([*SMALLFOUR, command[0], "nowhere", *map(str, command[1:])], capture_output=True,

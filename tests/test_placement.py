@@ -80,6 +80,14 @@ def test_power_user_override(converted):
     assert set(moved) == {"output.weight"} | {f"blk.{i}.attn_kv_a_mqa.weight" for i in range(HF.n_layers)}
 
 
+def test_override_regex_may_contain_equals():
+    """The device follows the last `=`: a lookahead `(?=…)` or a literal `=` stays in the pattern."""
+    from smallfour.placement import parse_override
+
+    assert parse_override(r"blk\.(?=1\.)\d+\.ffn_.*=CPU") == (r"blk\.(?=1\.)\d+\.ffn_.*", "CPU")
+    assert parse_override("a=b=CUDA0") == ("a=b", "CUDA0")
+
+
 def test_generation_identical_with_and_without_overrides(converted):
     model = converted(HF, "q8_0")
     common = ("run", model, "-p", "Quelle heure est-il ?", "-n", "16", "--temperature", "0", "--json")

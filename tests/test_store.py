@@ -196,3 +196,21 @@ def test_doctor_without_llama_cpp_says_how_to_install_it(env):
     assert "llama-cpp-python cannot be imported" in result.stdout
     assert "pip install llama-cpp-python==0.3.36" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_keep_gguf_links_under_a_name_and_replaces_only_that(tmp_path, monkeypatch):
+    from smallfour.store import gguf_groups, keep_gguf, mmproj_for, resolve_gguf
+
+    monkeypatch.setenv("SMALLFOUR_HOME", str(tmp_path / "home"))
+    source, projector = tmp_path / "built.gguf", tmp_path / "built-mmproj.gguf"
+    source.write_bytes(os.urandom(4096))
+    projector.write_bytes(os.urandom(512))
+    kept = keep_gguf(source, "demo", projector)
+    assert kept == tmp_path / "home" / "models" / "demo.gguf" and kept.samefile(source)  # a link, not a copy
+    assert mmproj_for(kept).read_bytes() == projector.read_bytes()
+    assert resolve_gguf("demo") == kept and list(gguf_groups(kept.parent)) == ["demo.gguf"]
+    rebuilt = tmp_path / "rebuilt.gguf"
+    rebuilt.write_bytes(os.urandom(4096))
+    assert keep_gguf(rebuilt, "demo").read_bytes() == rebuilt.read_bytes()  # the name now means the new build
+    assert source.is_file()  # the old build itself is untouched
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["demo-mmproj.gguf", "demo.gguf"]  # no temporaries
