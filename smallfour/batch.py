@@ -317,6 +317,8 @@ def run_jobs(model: Model, jobs: list[Job], output: BatchOutput, *, model_name: 
         for job, submitted, watch in running:
             if not submitted.finished:
                 still.append((job, submitted, watch))
+            elif submitted.error is not None and stopped():
+                summary.interrupted = True  # Ctrl-C before it started: --resume runs it
             elif submitted.error is not None:
                 job.error = LineError("invalid_request", str(submitted.error))
                 write_error(job)
