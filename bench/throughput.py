@@ -46,6 +46,7 @@ from smallfour.engine import Engine  # noqa: E402
 from smallfour.fixtures.checkpoint import FixtureSpec, build_fixture  # noqa: E402
 from smallfour.hardware import physical_cores  # noqa: E402
 from smallfour.model import Model  # noqa: E402
+from smallfour.placement import Placement  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_convert", REPO / "bench" / "convert.py")
 bench_convert = importlib.util.module_from_spec(_spec)
@@ -78,8 +79,12 @@ def requests_file(path: Path, count: int, low: int, high: int) -> list[dict]:
     return lines
 
 
+# What `smallfour batch` loads with by default (flash attention on, as llama-server's `-fa auto` on CPU).
+CLI_PLACEMENT = Placement(flash_attn=True)
+
+
 def run_smallfour(gguf: Path, requests: Path, parallel: int, n_ctx: int) -> dict:
-    with Model.load(gguf, n_ctx=n_ctx, n_seq=parallel) as model:
+    with Model.load(gguf, n_ctx=n_ctx, n_seq=parallel, placement=CLI_PLACEMENT) as model:
         jobs = parse_jobs(requests.read_bytes().splitlines(), n_vocab=model.n_vocab)
         with tempfile.TemporaryDirectory() as work:
             output, done = BatchOutput.open(Path(work) / "out.jsonl")
@@ -97,7 +102,7 @@ def engine_decode_rate(gguf: Path, parallel: int, prompt: int, generate: int) ->
     """Aggregate tok/s of steps in which every slot generates (prompts already read): pure decode."""
     rng = np.random.default_rng(1)
     sampling = Sampling(temperature=0.0, max_tokens=generate, logit_bias={EOS: -100.0})
-    with Model.load(gguf, n_ctx=prompt + generate + 8, n_seq=parallel) as model:
+    with Model.load(gguf, n_ctx=prompt + generate + 8, n_seq=parallel, placement=CLI_PLACEMENT) as model:
         engine = Engine(model)
         for _ in range(parallel):
             engine.submit(ChatRequest([], sampling=sampling), [1, *rng.integers(1000, 131072, prompt - 1).tolist()])
@@ -251,7 +256,8 @@ def main() -> None:
         "",
         *table,
         "",
-        "smallfour: the batch job in-process (`run_jobs` on the engine, model loaded once per N; wall = the job). "
+        "smallfour: the batch job in-process (`run_jobs` on the engine, model loaded once per N with batch's default "
+        "placement, flash attention on; wall = the job). "
         "llama-server: built from the vendored llama.cpp of the pinned sdist, `-np N -c N×1024 --jinja`, N "
         "concurrent clients on `/v1/chat/completions` with the same bodies, wall from the first request to the last "
         "answer (load excluded on both sides). Engine decode: N sequences of 128 prompt tokens, aggregate tok/s over "
