@@ -150,6 +150,18 @@ CASES = [
     batch_case("batch-http", "https://example.com/cat.png", "never fetched"),
     batch_case("batch-symlink-out", "link.png", "outside the directories",
                extra_setup=lambda d: (d / "jobs" / "link.png").symlink_to(d / "secret.png")),
+    # Engine, threads, server and scale options: usage errors (2) or one line, never a traceback.
+    Case("batch-parallel-zero", lambda d, m: ["batch", m, d / "in.jsonl", "-o", d / "out.jsonl", "--parallel", "0"],
+         "--parallel", code=2, setup=write("in.jsonl", batch_line("data:,")), absent=("out.jsonl",)),
+    Case("batch-parallel-too-many", lambda d, m: ["batch", m, d / "in.jsonl", "-o", d / "out.jsonl",
+                                                  "--parallel", "1000"], "llama.cpp handles 1 to",
+         setup=write("in.jsonl", batch_line("data:,"))),
+    Case("run-threads-zero", lambda d, m: ["run", m, "-p", "hi", "--threads", "0"], "--threads", code=2),
+    Case("run-threads-batch-word", lambda d, m: ["run", m, "-p", "hi", "--threads-batch", "abc"], "--threads-batch",
+         code=2),
+    Case("serve-port-out-of-range", lambda d, m: ["serve", m, "--port", "99999"], "--port", code=2),
+    Case("serve-parallel-zero", lambda d, m: ["serve", m, "--parallel", "0"], "--parallel", code=2),
+    Case("plan-unknown-engine", lambda d, m: ["plan", "--engine", "tpu", "--profile", "4xH100"], "unknown engine"),
     batch_case("batch-eps-data-url", "data:image/png;base64," + base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n")
                .decode(), "not an image in an accepted"),
 ]
