@@ -110,11 +110,12 @@ def batch(
     path = resolve_gguf(model)
     lines = read_input(input_file)
     requests = sum(1 for line in lines if line.strip())
+    machine = detect_hardware()  # probed once, for the parallel default and the placement check
     if parallel is None:
         settings = Settings(n_ctx=ctx, kv_type=placement.kv_type, flash_attn=placement.flash_attn)
-        parallel = sequences_that_fit(model_from_gguf(path), settings, detect_hardware(),
+        parallel = sequences_that_fit(model_from_gguf(path), settings, machine,
                                       most=max(1, min(8, requests)))
-    layout = placement.resolve(path, ctx * parallel)
+    layout = placement.resolve(path, ctx * parallel, hardware=machine)
     output_path = None if output == "-" else Path(output)
     if output_path is not None:
         check_distinct([output_path], [path, *([Path(input_file)] if input_file != "-" else []),
