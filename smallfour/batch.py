@@ -2,16 +2,18 @@
 
 Each input line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {…}}`
 with an OpenAI chat-completions body; each output line is `{"id", "custom_id", "response":
-{"status_code", "request_id", "body": <chat.completion>}, "error": null}`, or, for a line that
-cannot run, `{"id", "custom_id", "response": null, "error": {"code", "message"}}`. That is what
-OpenAI's Batch API and vLLM's `run_batch` read and write, so one file runs on either.
+{"status_code": 200, "request_id", "body": <chat.completion>}, "error": null}`, or, for a line that
+cannot run, the same with `"status_code": 400` (500 for a failure of ours) and the body
+`{"error": {"message", "type", "param", "code"}}`. That is what OpenAI's Batch API and vLLM's
+`run_batch` read and write, so one file runs on either.
 
 The job survives crashes: every output line is appended, flushed and fsynced as soon as its
 request finishes, and `resume` counts the `custom_id`s already in the output (successes and
 errors alike) so a second run does only what is left. A line cut short by a crash is dropped
 first. Input lines are matched to output lines by `custom_id` and occurrence: the second line
 with the same `custom_id` is an error line of its own, and so are lines without a usable
-`custom_id`, counted as the `custom_id` null.
+`custom_id` (unparsable JSON, a missing or non-string id): they are written under the string
+`line-N` (N the input line number), since readers such as vLLM's require a string.
 
 One model serves every request; llama.cpp reuses the KV cache for the prompt prefix two
 consecutive requests share (a common system prompt, say).
@@ -44,7 +46,7 @@ class Job:
     """One non-blank input line: a request to run, or the error line to write for it."""
 
     line_no: int
-    custom_id: str | None
+    custom_id: str
     request: ChatRequest | None = None
     stop: tuple[str, ...] = ()
     error: LineError | None = None
@@ -77,15 +79,16 @@ def parse_line(text: str | bytes, line_no: int, *, preset: str | None = None, th
             text = text.decode("utf-8")
         item = json.loads(text)
     except UnicodeDecodeError:
-        return Job(line_no, None, error=LineError("invalid_json", f"line {line_no} is not UTF-8 text"))
+        return Job(line_no, line_id(line_no), error=LineError("invalid_json", f"line {line_no} is not UTF-8 text"))
     except json.JSONDecodeError as exc:
-        return Job(line_no, None, error=LineError("invalid_json", f"line {line_no} is not valid JSON: {exc}"))
+        return Job(line_no, line_id(line_no),
+                   error=LineError("invalid_json", f"line {line_no} is not valid JSON: {exc}"))
     if not isinstance(item, dict):
-        return Job(line_no, None, error=LineError("invalid_json", f"line {line_no} is not a JSON object"))
+        return Job(line_no, line_id(line_no), error=LineError("invalid_json", f"line {line_no} is not a JSON object"))
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         what = "has no custom_id" if custom_id is None else "has a custom_id that is not a non-empty string"
-        return Job(line_no, None, error=LineError("missing_custom_id", f"line {line_no} {what}"))
+        return Job(line_no, line_id(line_no), error=LineError("missing_custom_id", f"line {line_no} {what}"))
     job = Job(line_no, custom_id)
     if item.get("url") != URL:
         job.error = LineError("invalid_url", f"url {json.dumps(item.get('url'))} is not supported; "
@@ -104,6 +107,11 @@ def parse_line(text: str | bytes, line_no: int, *, preset: str | None = None, th
     return job
 
 
+def line_id(line_no: int) -> str:
+    """The custom_id an output line gets when its input line has none usable."""
+    return f"line-{line_no}"
+
+
 def parse_jobs(lines: Iterable[str | bytes], **options: Any) -> list[Job]:
     """Every non-blank line as a Job; the second line with a custom_id already seen is an error."""
     jobs, seen = [], set()
@@ -111,19 +119,18 @@ def parse_jobs(lines: Iterable[str | bytes], **options: Any) -> list[Job]:
         if not text.strip():
             continue
         job = parse_line(text, line_no, **options)
-        if job.custom_id is not None:
-            if job.custom_id in seen:
-                job.request, job.error = None, LineError(
-                    "duplicate_custom_id", f"custom_id {json.dumps(job.custom_id)} (line {line_no}) was used by an "
-                                           "earlier line; custom_ids must be unique")
-            seen.add(job.custom_id)
+        if job.custom_id in seen:
+            job.request, job.error = None, LineError(
+                "duplicate_custom_id", f"custom_id {json.dumps(job.custom_id)} (line {line_no}) was used by an "
+                                       "earlier line; custom_ids must be unique")
+        seen.add(job.custom_id)
         jobs.append(job)
     return jobs
 
 
 def pending_jobs(jobs: list[Job], done: Counter) -> list[Job]:
     """The jobs not yet in the output: the k-th line with a custom_id is done when the output holds
-    k lines with it (lines without a usable custom_id count as custom_id null)."""
+    k lines with it."""
     seen: Counter = Counter()
     pending = []
     for job in jobs:
@@ -296,7 +303,7 @@ def run_jobs(model: Model, jobs: list[Job], output: BatchOutput, *, model_name: 
         while todo and len(engine.queue) + engine.active < len(engine.slots):
             job = todo.popleft()
             if job.error is None:
-                assert job.request is not None and job.custom_id is not None
+                assert job.request is not None
                 watch = _StopStrings(job.stop)
                 try:
                     _, tokens, spans = prompt_with_images(model, job.request)
@@ -305,7 +312,7 @@ def run_jobs(model: Model, jobs: list[Job], output: BatchOutput, *, model_name: 
                 except SmallfourError as exc:
                     job.error = LineError("invalid_request", str(exc))
                 except Exception as exc:  # noqa: BLE001 — one failing request must not end the job
-                    job.error = LineError("server_error", f"{type(exc).__name__}: {exc}")
+                    job.error = LineError("server_error", f"{type(exc).__name__}: {exc}", status=500)
                 else:
                     running.append((job, submitted, watch))
                     continue

@@ -452,10 +452,12 @@ def success_line(custom_id: str, result: GenerationResult, model_name: str) -> d
             "error": None}
 
 
-def error_line(custom_id: str | None, error: RequestError) -> dict:
-    """A batch output line for a request that could not run."""
-    return {"id": new_id("batch_req_"), "custom_id": custom_id, "response": None,
-            "error": {"code": error.code, "message": error.message}}
+def error_line(custom_id: str, error: RequestError) -> dict:
+    """A batch output line for a request that could not run, as OpenAI's Batch API writes one: the
+    HTTP status and error body the request would have got, and the line's own `error` null."""
+    return {"id": new_id("batch_req_"), "custom_id": custom_id,
+            "response": {"status_code": error.status, "request_id": new_id("req_"), "body": error.body()},
+            "error": None}
 
 
 def chunk(completion_id: str, created: int, model_name: str, choices: list[dict], *,

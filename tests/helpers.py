@@ -29,6 +29,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in error_lines[0], error_lines[0]
 
 
+def line_error(item: dict) -> dict | None:
+    """The error of a batch output line (None when answered), checked to have OpenAI's Batch shape:
+    a string custom_id, the line's own `error` null, the status and error body the request got."""
+    assert isinstance(item["custom_id"], str) and item["custom_id"], item
+    assert item["error"] is None, item
+    response = item["response"]
+    if response["status_code"] == 200:
+        return None
+    assert response["status_code"] in (400, 500) and set(response) == {"status_code", "request_id", "body"}, item
+    error = response["body"]["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str), item
+    assert error["type"] == ("invalid_request_error" if response["status_code"] == 400 else "server_error"), item
+    return error
+
+
 # --- the chat REPL in a real terminal (the `terminal` fixture in conftest.py starts one) ---------
 
 

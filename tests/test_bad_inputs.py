@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 
 from conftest import HF
-from helpers import SMALLFOUR
+from helpers import SMALLFOUR, line_error
 
 EXIT_CODES = {0, 1, 2, 130, 143}
 
@@ -66,7 +66,7 @@ def batch_line(url: str) -> str:
 def batch_error(directory: Path) -> str:
     lines = (directory / "out.jsonl").read_text().splitlines()
     assert len(lines) == 1, lines
-    return json.loads(lines[0])["error"]["message"]
+    return line_error(json.loads(lines[0]))["message"]
 
 
 def batch_case(id: str, url: str, fragment: str, hidden: tuple[str, ...] = (), extra_setup=None) -> Case:

@@ -15,11 +15,11 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import HF
-from smallfour.batch import BatchOutput, LineError, parse_jobs, pending_jobs, request_from_body
+from smallfour.batch import BatchOutput, LineError, error_line, parse_jobs, pending_jobs, request_from_body
 from smallfour.errors import SmallfourError
 from smallfour.generation import PRESETS, prompt_tokens
 from smallfour.model import Model
-from helpers import SMALLFOUR, assert_one_line_error, run_cli
+from helpers import SMALLFOUR, assert_one_line_error, line_error, run_cli
 
 URL = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -128,16 +128,21 @@ def test_duplicates_and_resume_bookkeeping():
     jobs = parse_jobs([line("a"), "", "{oops", line("a"), line("b", url="/v1/embeddings"), "[]",
                        json.dumps({"url": URL, "body": {"messages": HELLO}})])
     assert [(j.custom_id, j.error.code if j.error else None) for j in jobs] == [
-        ("a", None), (None, "invalid_json"), ("a", "duplicate_custom_id"), ("b", "invalid_url"),
-        (None, "invalid_json"), (None, "missing_custom_id")]
-    # The output already holds the first "a" and one line without a custom_id: those two are done.
-    pending = pending_jobs(jobs, Counter({"a": 1, None: 1}))
-    assert [(j.line_no, j.custom_id) for j in pending] == [(4, "a"), (5, "b"), (6, None), (7, None)]
+        ("a", None), ("line-3", "invalid_json"), ("a", "duplicate_custom_id"), ("b", "invalid_url"),
+        ("line-6", "invalid_json"), ("line-7", "missing_custom_id")]
+    # The output already holds the first "a" and line 3's error: those two are done.
+    pending = pending_jobs(jobs, Counter({"a": 1, "line-3": 1}))
+    assert [(j.line_no, j.custom_id) for j in pending] == [(4, "a"), (5, "b"), (6, "line-6"), (7, "line-7")]
+    # A line that has no usable custom_id of its own, written under one a later line uses, makes that
+    # later line the duplicate (the ids are unique in the output either way).
+    clash = parse_jobs(["{oops", line("line-1")])
+    assert [(j.custom_id, j.error.code) for j in clash] == [("line-1", "invalid_json"),
+                                                            ("line-1", "duplicate_custom_id")]
 
 
 def test_resume_drops_a_line_cut_short(tmp_path):
     out = tmp_path / "out.jsonl"
-    whole = json.dumps({"id": "x", "custom_id": "a", "response": None, "error": {"code": "c", "message": "m"}})
+    whole = json.dumps(error_line("a", LineError("c", "m")))
     out.write_bytes(whole.encode() + b"\n" + b'{"id": "y", "custom_id": "b", "resp')
     output, done = BatchOutput.open(out, resume=True)
     output.write({"id": "z", "custom_id": "b", "response": None, "error": None})
@@ -204,10 +209,11 @@ def test_batch_answers_valid_lines_and_reports_bad_ones(converted, tokenizer, tm
     items = read_output(out)
     # Lines are written as requests finish (several run at once), so the order is not the input's.
     assert Counter(i["custom_id"] for i in items) == Counter(
-        ["plain", "high", None, "forced", "stopped", "plain", "wrong-url", "wrong-method", None, "no-messages",
+        ["plain", "high", "line-3", "forced", "stopped", "plain", "wrong-url", "wrong-method", "line-10",
+         "no-messages",
          "bad-effort", "bad-type", "too-long", "seeded-1", "seeded-2", "free-1", "free-2", "last"])
     assert len({i["id"] for i in items}) == len(items)
-    answers = {i["custom_id"]: i for i in items if i["error"] is None}
+    answers = {i["custom_id"]: i for i in items if line_error(i) is None}
     assert set(answers) == {"plain", "high", "forced", "stopped", "seeded-1", "seeded-2", "free-1", "free-2",
                             "last"}
     for item in answers.values():
@@ -244,13 +250,13 @@ def test_batch_answers_valid_lines_and_reports_bad_ones(converted, tokenizer, tm
     assert content("seeded-1") == content("seeded-2")
     assert content("free-1") != content("free-2")
 
-    errors = {(i["custom_id"], i["error"]["code"]): i["error"]["message"] for i in items if i["error"] is not None}
-    assert all(i["response"] is None for i in items if i["error"] is not None)
-    assert set(errors) == {(None, "invalid_json"), ("plain", "duplicate_custom_id"), ("wrong-url", "invalid_url"),
-                           ("wrong-method", "invalid_method"), (None, "missing_custom_id"),
+    errors = {(i["custom_id"], line_error(i)["code"]): line_error(i)["message"] for i in items if line_error(i)}
+    assert all(i["response"]["status_code"] == 400 for i in items if line_error(i))
+    assert set(errors) == {("line-3", "invalid_json"), ("plain", "duplicate_custom_id"), ("wrong-url", "invalid_url"),
+                           ("wrong-method", "invalid_method"), ("line-10", "missing_custom_id"),
                            ("no-messages", "invalid_request"), ("bad-effort", "invalid_request"),
                            ("bad-type", "invalid_request"), ("too-long", "invalid_request")}
-    assert "line 3 is not valid JSON" in errors[(None, "invalid_json")]
+    assert "line 3 is not valid JSON" in errors[("line-3", "invalid_json")]
     assert "accepts" in errors[("bad-effort", "invalid_request")]
     assert "context holds 512" in errors[("too-long", "invalid_request")]
 
@@ -301,11 +307,11 @@ def test_killed_job_resumes_without_loss_or_repeats(converted, tmp_path):
     assert out.read_bytes().startswith(before)
     items = read_output(out)
     assert len(items) == len(lines)
-    answered = Counter(i["custom_id"] for i in items if i["error"] is None)
+    answered = Counter(i["custom_id"] for i in items if line_error(i) is None)
     assert answered == Counter(valid)
-    errors = Counter((i["custom_id"], i["error"]["code"]) for i in items if i["error"] is not None)
-    assert errors == Counter({(None, "invalid_json"): 1, ("r03", "duplicate_custom_id"): 1,
-                              ("r99", "invalid_url"): 1, (None, "missing_custom_id"): 1})
+    errors = Counter((i["custom_id"][:5], line_error(i)["code"]) for i in items if line_error(i))
+    assert errors == Counter({("line-", "invalid_json"): 1, ("r03", "duplicate_custom_id"): 1,
+                              ("r99", "invalid_url"): 1, ("line-", "missing_custom_id"): 1})
     assert "batch_req_cut" not in out.read_text()
 
 
@@ -332,7 +338,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(converted, tmp_path):
     resumed = run_cli("batch", model, source, "-o", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     items = read_output(out)
-    assert [i["custom_id"] for i in items] == valid and all(i["error"] is None for i in items)
+    assert [i["custom_id"] for i in items] == valid and all(line_error(i) is None for i in items)
 
 
 def test_stdin_to_stdout(converted, tmp_path):
@@ -342,8 +348,8 @@ def test_stdin_to_stdout(converted, tmp_path):
     assert piped.returncode == 0, piped.stderr
     items = [json.loads(text) for text in piped.stdout.splitlines()]  # stdout carries only the results
     # In the order they finish: the bad line's error at once, the answers when done.
-    assert sorted((i["custom_id"] or "", i["error"] and i["error"]["code"]) for i in items) == [
-        ("", "invalid_json"), ("one", None), ("two", None)]
+    assert sorted((i["custom_id"], (line_error(i) or {}).get("code")) for i in items) == [
+        ("line-2", "invalid_json"), ("one", None), ("two", None)]
     (two,) = [i for i in items if i["custom_id"] == "two"]
     assert two["response"]["body"]["usage"]["completion_tokens"] == 2
     assert "3 of 3 requests done" in piped.stderr and "stdout" in piped.stderr

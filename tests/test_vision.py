@@ -31,7 +31,7 @@ from PIL import Image
 from conftest import FP8_BLOCK, HF, NATIVE, NATIVE_FP8, REPO
 from convert.checkpoint import open_checkpoint
 from convert.mmproj import convert_mmproj
-from helpers import assert_one_line_error, run_cli, stats_numbers
+from helpers import assert_one_line_error, line_error, run_cli, stats_numbers
 
 SDIST_VERSION = "0.3.36"
 # Keys that name the file rather than describe the network.
@@ -524,13 +524,13 @@ def test_batch_lines_with_images(model, picture, tmp_path, mistral):
     result = run_cli("batch", model, source, "-o", tmp_path / "out.jsonl", "--allow-path", picture.parent)
     assert result.returncode == 0, result.stderr
     lines = {item["custom_id"]: item for item in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
-    assert lines["path"]["error"] is None and lines["data"]["error"] is None
+    assert line_error(lines["path"]) is None and line_error(lines["data"]) is None
     usage = lines["data"]["response"]["body"]["usage"]
     # The 2×2 grid [IMG][IMG][IMG_BREAK][IMG][IMG][IMG_END] in place of the template's [IMG], as mistral-common counts.
     expected = mistral_tokens(mistral, messages(small))
     assert usage["prompt_tokens"] == len(expected) and expected.count(10) == 4
-    assert "does not exist" in lines["missing"]["error"]["message"]
-    assert "valid base64" in lines["bad-url"]["error"]["message"]
+    assert "does not exist" in line_error(lines["missing"])["message"]
+    assert "valid base64" in line_error(lines["bad-url"])["message"]
 
 
 def test_batch_images_without_projector_are_error_lines(model, picture, tmp_path):
@@ -545,8 +545,8 @@ def test_batch_images_without_projector_are_error_lines(model, picture, tmp_path
     result = run_cli("batch", lonely, source, "-o", tmp_path / "out.jsonl", "--allow-path", picture.parent)
     assert result.returncode == 0, result.stderr
     lines = {item["custom_id"]: item for item in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
-    assert "need a vision projector" in lines["img"]["error"]["message"]
-    assert lines["txt"]["error"] is None
+    assert "need a vision projector" in line_error(lines["img"])["message"]
+    assert line_error(lines["txt"]) is None
 
 
 def test_image_command_in_the_chat_repl(model, picture, terminal, tmp_path):
