@@ -16,12 +16,13 @@ tokens (template text and message text together) is tokenized as plain text.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from smallfour.errors import SmallfourError
@@ -49,6 +50,13 @@ def _environment() -> ImmutableSandboxedEnvironment:
     environment.globals["raise_exception"] = _raise
     environment.filters["tojson"] = _tojson
     return environment
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> Template:
+    # Compiling Mistral's template takes tens of milliseconds, as long as the prefill of a short
+    # prompt: once per template, not once per request.
+    return _environment().from_string(template)
 
 
 def user_turn(prompt: str) -> list[Message]:
@@ -82,7 +90,7 @@ def render_segments(template: str, messages: list[Message], **settings: Any) -> 
                     if isinstance(block, dict) and key in block:
                         block[key] = mark(block[key])
     try:
-        rendered = _environment().from_string(template).render(
+        rendered = _compiled(template).render(
             messages=marked, bos_token="<s>", eos_token="</s>", add_generation_prompt=True, **settings
         )
     except TemplateError as exc:
@@ -100,9 +108,15 @@ def render_chat(template: str, messages: list[Message], **settings: Any) -> str:
     return "".join(s.text for s in render_segments(template, messages, **settings))
 
 
+@functools.lru_cache(maxsize=8)
+def _control_pattern(names: tuple[str, ...]) -> re.Pattern:
+    # Longest first, so that `[/THINK]` is not read as a shorter token; built once per vocabulary.
+    return re.compile("|".join(re.escape(t) for t in sorted(names, key=len, reverse=True)))
+
+
 def split_on_control_tokens(segments: list[Segment], control: dict[str, int]) -> list[int | str]:
     """Control-token ids found in template-written text, and the plain text runs between them."""
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(control, key=len, reverse=True)))
+    pattern = _control_pattern(tuple(control))
     pieces: list[int | str] = []
     pending = ""
     for segment in segments:
