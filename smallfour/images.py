@@ -6,8 +6,9 @@ decoded here first, under explicit limits, and handed over as plain RGB pixels.
 
 The size is chosen the way mistral-common chooses it (the longest side scaled down to
 the model's maximum, then each side rounded *up* to whole 28-pixel tokens), so the
-number of image tokens equals what Mistral's own tokenizer counts; libmtmd then gets
-an image it does not need to resize again.
+number of image tokens equals what Mistral's own tokenizer counts, and resized with
+the same filter (OpenCV's bicubic, in numpy); libmtmd then gets an image it does not
+need to resize again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from smallfour.errors import SmallfourError
 
@@ -226,9 +229,46 @@ def prepare_bytes(label: str, data: bytes, geometry: Geometry = Geometry()) -> P
     rgb = _to_rgb(image)
     tokens_x, tokens_y = token_grid(rgb.width, rgb.height, geometry)
     size = (tokens_x * geometry.token_pixels, tokens_y * geometry.token_pixels)
-    if rgb.size != size:
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    return PreparedImage(label, size[0], size[1], rgb.tobytes(), tokens_x, tokens_y)
+    pixels = rgb.tobytes() if rgb.size == size else cubic_resize(np.asarray(rgb), *size).tobytes()
+    return PreparedImage(label, size[0], size[1], pixels, tokens_x, tokens_y)
+
+
+# OpenCV's bicubic kernel parameter; Pillow's is -0.5.
+_CUBIC_A = np.float32(-0.75)
+_ROWS_AT_ONCE = 256  # bounds the float copy of a large photo to a few tens of MB
+
+
+def _cubic_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights (target × 4) of OpenCV's INTER_CUBIC along one axis: pixel centres
+    aligned, edge pixels repeated, no widening of the kernel when shrinking."""
+    fx = ((np.arange(target) + 0.5) * (1.0 / (target / source)) - 0.5).astype(np.float32)
+    start = np.floor(fx).astype(np.int64)
+    x = fx - start.astype(np.float32)
+    a = _CUBIC_A
+    w0 = ((a * (x + 1) - 5 * a) * (x + 1) + 8 * a) * (x + 1) - 4 * a
+    w1 = ((a + 2) * x - (a + 3)) * x * x + 1
+    w2 = ((a + 2) * (1 - x) - (a + 3)) * (1 - x) * (1 - x) + 1
+    weights = np.stack([w0, w1, w2, 1 - w0 - w1 - w2], axis=1).astype(np.float32)
+    indices = np.clip(start[:, None] + np.arange(-1, 3), 0, source - 1)
+    return indices, weights
+
+
+def cubic_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`pixels` (H × W × 3, uint8) resized as mistral-common resizes (OpenCV's INTER_CUBIC on float32
+    values), rounded back to uint8. Pillow's bicubic differs: it widens its kernel over the whole
+    source footprint when shrinking (antialiasing), which changes what the vision tower sees from a
+    photo by about half a normalized unit per pixel on fine detail."""
+    columns, column_weights = _cubic_taps(pixels.shape[1], width)
+    rows, row_weights = _cubic_taps(pixels.shape[0], height)
+    wide = np.zeros((pixels.shape[0], width, pixels.shape[2]), np.float32)
+    for top in range(0, pixels.shape[0], _ROWS_AT_ONCE):
+        band = pixels[top:top + _ROWS_AT_ONCE].astype(np.float32)
+        for tap in range(4):
+            wide[top:top + _ROWS_AT_ONCE] += band[:, columns[:, tap]] * column_weights[:, tap, None]
+    out = np.zeros((height, width, pixels.shape[2]), np.float32)
+    for tap in range(4):
+        out += wide[rows[:, tap]] * row_weights[:, tap, None, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _to_rgb(image):
