@@ -9,6 +9,7 @@ and stacked expert tensors can be read one expert at a time.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,12 @@ from convert.errors import ConversionError
 from convert.safetensors import SafetensorsFile
 
 Layout = Literal["hf", "native"]
+
+# Tensors a checkpoint may hold that no GGUF tensor is made of: the FP8 releases' static
+# activation scales (HF `…activation_scale`, Mistral `….qscale_act`) serve FP8 matmuls in
+# vLLM and the like; weights are dequantized with the weight scales alone, and llama.cpp
+# has no use for them.
+IGNORED_SUFFIXES = ("activation_scale", ".qscale_act")
 
 
 @dataclass
@@ -54,7 +61,7 @@ class Checkpoint:
             values = file.read(name, slice(index, index + 1))[0]
         else:
             values = file.read(name, rows)
-        scale_name = self._scale_name(name)
+        scale_name = self.scale_name(name)
         if scale_name is not None:
             if rows is not None:
                 raise ConversionError(f"internal error: row slice of FP8 tensor {name!r}")
@@ -63,6 +70,23 @@ class Checkpoint:
             where = name if index is None else f"{name}[{index}]"
             raise ConversionError(f"tensor {where} contains NaN or Inf values: the checkpoint is damaged")
         return values
+
+    def check_consumed(self, consumed: set[str], ignored: Callable[[str], bool] = lambda name: False) -> None:
+        """Refuse a checkpoint holding tensors that no planned tensor reads: it contradicts its own config.
+
+        `consumed` are the source tensors the plan reads (FP8 weight scales are added here);
+        besides `ignored` (what the caller chose not to convert), only the `IGNORED_SUFFIXES`
+        may be left over.
+        """
+        used = consumed | {scale for name in consumed if (scale := self.scale_name(name)) is not None}
+        unused = [name for name in self.tensor_file
+                  if name not in used and not name.endswith(IGNORED_SUFFIXES) and not ignored(name)]
+        if unused:
+            raise ConversionError(
+                f"checkpoint holds {len(unused)} tensors its config does not account for "
+                f"({', '.join(sorted(unused)[:3])}{', …' if len(unused) > 3 else ''}): "
+                "the config and the weights disagree (a mismatched config.json/params.json or a mixed checkpoint)"
+            )
 
     def close(self) -> None:
         for file in self.files.values():
@@ -75,7 +99,8 @@ class Checkpoint:
             raise ConversionError(f"checkpoint has no tensor {name!r} (partial or mismatched checkpoint)") from None
         return file_name, self.files[file_name]
 
-    def _scale_name(self, name: str) -> str | None:
+    def scale_name(self, name: str) -> str | None:
+        """The scale tensor an FP8 tensor is dequantized with (None for a tensor that is not FP8)."""
         if not self.is_fp8(name):
             return None
         if self.layout == "native":

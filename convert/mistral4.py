@@ -56,6 +56,8 @@ class PlannedTensor:
     source_bytes: int
     # Yields float32 pieces that, concatenated along axis 0, form the tensor.
     pieces: Callable[[], Iterator[np.ndarray]]
+    # The checkpoint tensors it is made of (their FP8 scales aside), so that any tensor nothing consumes is refused.
+    sources: tuple[str, ...]
 
 
 # Per-layer source names. `{p}` is the HF text-model prefix, `{i}` the layer.
@@ -175,7 +177,8 @@ def plan_tensors(ckpt: Checkpoint) -> list[PlannedTensor]:
             source = names(tensor.key, tensor.layer)
             _check_shape(ckpt, source, tensor.shape)
             planned.append(PlannedTensor(tensor.name, tensor.shape, tensor.role, tensor.layer, ckpt.nbytes(source),
-                                         lambda source=source, shape=tensor.shape: _row_chunks(ckpt, source, shape)))
+                                         lambda source=source, shape=tensor.shape: _row_chunks(ckpt, source, shape),
+                                         (source,)))
     return planned
 
 
@@ -221,7 +224,8 @@ def _kv_b_half(ckpt: Checkpoint, cfg: TextConfig, tensor: GGUFTensor, source: st
         else:
             yield np.ascontiguousarray(per_head[:, nope:, :])
 
-    return PlannedTensor(tensor.name, tensor.shape, tensor.role, tensor.layer, ckpt.nbytes(source) // 2, pieces)
+    return PlannedTensor(tensor.name, tensor.shape, tensor.role, tensor.layer, ckpt.nbytes(source) // 2, pieces,
+                         (source,))
 
 
 def _experts(ckpt: Checkpoint, cfg: TextConfig, tensor: GGUFTensor, names: Callable[..., str]) -> PlannedTensor:
@@ -231,7 +235,7 @@ def _experts(ckpt: Checkpoint, cfg: TextConfig, tensor: GGUFTensor, names: Calla
         merged = names(tensor.key, layer)
         _check_shape(ckpt, merged, tensor.shape)
         pieces = lambda: (ckpt.read(merged, e)[None] for e in range(n))  # noqa: E731
-        return PlannedTensor(tensor.name, tensor.shape, tensor.role, layer, ckpt.nbytes(merged), pieces)
+        return PlannedTensor(tensor.name, tensor.shape, tensor.role, layer, ckpt.nbytes(merged), pieces, (merged,))
     # Mistral-native checkpoints store one tensor per expert, gate (w1) and up (w3) apart.
     parts = ("expert_gate", "expert_up") if tensor.key == "ffn_gate_up_exps" else ("expert_down",)
     shapes = expected_shapes(cfg, layer)
@@ -244,4 +248,5 @@ def _experts(ckpt: Checkpoint, cfg: TextConfig, tensor: GGUFTensor, names: Calla
     else:
         pieces = lambda: (ckpt.read(d)[None] for d in sources[0])  # noqa: E731
     return PlannedTensor(tensor.name, tensor.shape, tensor.role, layer,
-                         sum(ckpt.nbytes(s) for names_of_part in sources for s in names_of_part), pieces)
+                         sum(ckpt.nbytes(s) for names_of_part in sources for s in names_of_part), pieces,
+                         tuple(s for names_of_part in sources for s in names_of_part))

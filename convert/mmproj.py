@@ -92,6 +92,7 @@ class MmprojTensor:
     shape: tuple[int, ...]
     qtype: GGMLQuantizationType
     read: Callable[[], np.ndarray]
+    source: str  # the checkpoint tensor it is read from
 
 
 @dataclass
@@ -105,6 +106,12 @@ def mmproj_path(output: Path) -> Path:
     """Where the projector of model `output` goes by default: `OUT-mmproj.gguf` beside it."""
     output = Path(output)
     return output.with_name(output.stem + "-mmproj.gguf")
+
+
+def is_vision_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor belongs to the vision tower or projector (either layout)."""
+    roots = {source.split(".")[0] + "." for sources in GLOBAL_NAMES.values() for source in sources}
+    return any(name.startswith(prefix + root) for prefix in HF_VISION_PREFIXES for root in roots)
 
 
 def has_vision(ckpt: Checkpoint) -> bool:
@@ -180,7 +187,7 @@ def plan_mmproj(ckpt: Checkpoint, cfg: VisionConfig, matrix_type: GGMLQuantizati
             shape = tuple(ckpt.shape(name))
             permute = ckpt.layout == "hf" and base.endswith((".attn_q", ".attn_k"))
             planned.append(MmprojTensor(base + suffix, shape, _tensor_type(base + suffix, shape, matrix_type),
-                                        _reader(ckpt, name, cfg.n_heads if permute else None)))
+                                        _reader(ckpt, name, cfg.n_heads if permute else None), name))
     planned.append(_img_break(ckpt, cfg))
     return planned
 
@@ -261,7 +268,7 @@ def _img_break(ckpt: Checkpoint, cfg: VisionConfig) -> MmprojTensor:
             return ckpt.read(name)[cfg.img_break_id]
         return ckpt.read(name, rows=slice(cfg.img_break_id, cfg.img_break_id + 1))[0]
 
-    return MmprojTensor("v.token_embd.img_break", (width,), GGMLQuantizationType.F32, read)
+    return MmprojTensor("v.token_embd.img_break", (width,), GGMLQuantizationType.F32, read, name)
 
 
 def _encode(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

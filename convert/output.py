@@ -3,6 +3,8 @@
 One command's outputs are one transaction: each is written under a temporary name beside
 its target (`.NAME.PID.partial`), and all are renamed onto their targets only when every
 one is finished, so a failure, Ctrl-C or SIGTERM leaves none of them (and no partial file).
+If a later rename fails, the outputs already renamed are rolled back: removed, or the file
+they replaced (`--force`) put back from the hidden `.NAME.PID.previous` kept until then.
 A process killed outright (kill -9, the OOM killer) cannot clean up: each partial file is
 held under an exclusive `flock` while it is written, so the next run writing beside it can
 tell a dead writer's leftovers (the lock is free) from a live one's and remove them.
@@ -156,6 +158,36 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _set_aside(output: Path) -> Path | None:
+    """Keep what `output` holds (with --force) under a hidden name until every output has landed.
+
+    A hard link leaves the previous file in place until the rename swaps it atomically; a file
+    system without hard links gets it renamed aside instead. None when there is nothing there.
+    """
+    if not os.path.lexists(output):
+        return None
+    previous = output.with_name(f".{output.name}.{os.getpid()}.previous")
+    previous.unlink(missing_ok=True)  # left by a killed process that had our PID
+    try:
+        os.link(output, previous, follow_symlinks=False)
+    except OSError:
+        os.replace(output, previous)
+    return previous
+
+
+def _roll_back(committed: list[tuple[Path, Path | None]]) -> None:
+    """Undo the outputs that landed before a later one failed: remove each, or put back what it replaced."""
+    for output, previous in reversed(committed):
+        # A failed step must not hide the error that brought us here.
+        with contextlib.suppress(OSError):
+            if previous is None:
+                output.unlink(missing_ok=True)
+            else:
+                os.replace(previous, output)
+                # rename() does nothing when both names are links to one file (the output never got replaced).
+                previous.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_outputs(*outputs: Path, note: Callable[[str], None] | None = None) -> Iterator[list[Path]]:
     """Temporary paths beside `outputs` to write; all renamed onto their targets when the block succeeds.
@@ -182,9 +214,19 @@ def atomic_outputs(*outputs: Path, note: Callable[[str], None] | None = None) ->
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 current = everything  # a write error cannot tell which file it was writing
                 yield temporaries
-                for output, temporary in zip(outputs, temporaries):
-                    current = output
-                    os.replace(temporary, output)
+                committed: list[tuple[Path, Path | None]] = []  # each output landed, and what it replaced
+                try:
+                    for output, temporary in zip(outputs, temporaries):
+                        current = output
+                        committed.append((output, _set_aside(output)))
+                        os.replace(temporary, output)
+                except BaseException:
+                    _roll_back(committed)
+                    raise
+                for _, previous in committed:
+                    if previous is not None:
+                        with contextlib.suppress(OSError):
+                            previous.unlink()
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise ConversionError(f"no space left on device while writing {current}") from None

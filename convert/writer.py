@@ -19,9 +19,9 @@ from convert.config import TextConfig
 from convert.errors import ConversionError
 from convert.output import NoProgress, Progress, atomic_outputs, check_outputs
 from convert.mistral4 import PlannedTensor, plan_tensors
-from convert.mmproj import (DEFAULT_MMPROJ_TYPE, MmprojReport, has_vision, mmproj_path, plan_projector,
-                            write_projector)
-from convert.vocab import add_vocabulary
+from convert.mmproj import (DEFAULT_MMPROJ_TYPE, MmprojReport, has_vision, is_vision_tensor, mmproj_path,
+                            plan_projector, write_projector)
+from convert.vocab import Vocabulary, add_vocabulary, load_vocabulary, tekken_path
 from quant.imatrix import load_importance, tensor_importance
 from quant.pipeline import (Encoder, add_recipe_metadata, assign_types, check_requirements, fallback_lines,
                             file_type_of, gguf_overhead, kv_nbytes, prefetched, resolve_recipe_spec,
@@ -62,15 +62,28 @@ def convert_checkpoint(source: Path, output: Path, recipe: str = "bf16", *, forc
     importance = load_importance(imatrix)
     ckpt = open_checkpoint(source)
     try:
+        tekken_path(ckpt.path)  # no tokenizer at all is said as such, before the projector looks up [IMG_BREAK]
         outputs, projector = [output], None
         if mmproj and (mmproj_output is not None or has_vision(ckpt)):
             outputs.append(Path(mmproj_output) if mmproj_output is not None else mmproj_path(output))
             check_outputs(outputs, inputs, force=force)
             projector = plan_projector(ckpt, mmproj_type)
         planned = plan_tensors(ckpt)
+        consumed = {source for tensor in planned for source in tensor.sources}
+        if projector is not None:
+            consumed |= {tensor.source for tensor in projector.tensors}
+        # Without a projector (--no-mmproj) the vision tower is left out by request, not by a contradiction.
+        ckpt.check_consumed(consumed, is_vision_tensor if not mmproj else lambda name: False)
+        if recipe.lower().startswith("fit:"):
+            # A budget the tensors alone exceed fails now, not after the vocabulary is read (seconds).
+            resolve_recipe_spec(recipe, _slots(planned), ckpt.config.n_layers, importance, None)
+        vocabulary = load_vocabulary(ckpt.path)
+        if vocabulary.template_note is not None:
+            progress.note(vocabulary.template_note)
         total_source = sum(t.source_bytes for t in planned)
         with atomic_outputs(*outputs, note=progress.note) as temporaries:
-            report = _write(ckpt, planned, temporaries[0], recipe, progress, importance, threads, imatrix)
+            report = _write(ckpt, planned, temporaries[0], recipe, progress, vocabulary, importance, threads,
+                            imatrix)
             if projector is not None:
                 written = write_projector(projector, temporaries[1])
                 report.mmproj = MmprojReport(outputs[1], len(projector.tensors), written)
@@ -88,18 +101,16 @@ def _inputs(source: Path) -> list[Path]:
 
 
 def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_spec: str, progress: Progress,
-           importance: dict | None = None, threads: int | None = None,
+           vocabulary: Vocabulary, importance: dict | None = None, threads: int | None = None,
            imatrix_path: Path | None = None) -> ConversionReport:
-    slots = [TensorSlot(t.name, t.role, t.layer, t.shape) for t in planned]
+    slots = _slots(planned)
     n_layers = ckpt.config.n_layers
     overhead = 0
     if recipe_spec.lower().startswith("fit:"):
-        # A budget the tensors alone exceed fails now, not after the vocabulary is read to measure the header.
-        resolve_recipe_spec(recipe_spec, slots, n_layers, importance, None)
         # The budget counts the whole file: measure the header a first writer would produce.
         scratch = gguf.GGUFWriter(path, ARCH)
         add_metadata(scratch, ckpt.config, model_name(ckpt.path), gguf.LlamaFileType.GUESSED)
-        add_vocabulary(scratch, ckpt.path)
+        add_vocabulary(scratch, vocabulary)
         add_recipe_metadata(scratch, load_recipe("q8_0"), imatrix_path)
         overhead = gguf_overhead(kv_nbytes(scratch) + 256, slots)  # + room for the recipe's name and description
     recipe = resolve_recipe_spec(recipe_spec, slots, n_layers, importance, overhead)
@@ -107,7 +118,7 @@ def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_sp
     check_requirements(choices, slots, importance)
     writer = gguf.GGUFWriter(path, ARCH)
     add_metadata(writer, ckpt.config, model_name(ckpt.path), file_type_of(choices, slots))
-    add_vocabulary(writer, ckpt.path)
+    add_vocabulary(writer, vocabulary)
     add_recipe_metadata(writer, recipe, imatrix_path)
     for tensor in planned:
         qtype = choices[tensor.name].qtype
@@ -147,6 +158,10 @@ def _write(ckpt: Checkpoint, planned: list[PlannedTensor], path: Path, recipe_sp
     writer.close()
     return ConversionReport(path, ckpt.layout, len(planned), 0, output_bytes, fallback_lines(choices),
                             recipe=recipe.name)
+
+
+def _slots(planned: list[PlannedTensor]) -> list[TensorSlot]:
+    return [TensorSlot(t.name, t.role, t.layer, t.shape) for t in planned]
 
 
 def model_name(checkpoint_dir: Path) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import shutil
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import HF
+from conftest import HF, build_fixture
 from helpers import SMALLFOUR, line_error
 
 EXIT_CODES = {0, 1, 2, 130, 143}
@@ -114,6 +116,19 @@ CASES = [
     Case("tensor-split-nan", lambda d, m: ["run", m, "-p", "hi", "--tensor-split", "nan,1"], "finite"),
     Case("tensor-split-inf", lambda d, m: ["run", m, "-p", "hi", "--tensor-split", "1,inf"], "finite"),
     Case("tensor-split-negative", lambda d, m: ["run", m, "-p", "hi", "--tensor-split", "-1,2"], "≥ 0"),
+    Case("convert-no-tokenizer", lambda d, m: ["convert", d / "ck", "-o", d / "out.gguf"], "no tokenizer found in",
+         setup=lambda d: shutil.copytree(build_fixture(HF), d / "ck", copy_function=os.symlink,
+                                         ignore=shutil.ignore_patterns("tekken.json", "tokenizer.json")),
+         absent=("out.gguf", "out-mmproj.gguf")),
+    # 8: a config with 1 layer over weights of 2 (the fixture's files linked, config.json a changed copy).
+    Case("convert-config-fewer-layers", lambda d, m: ["convert", d / "ck", "-o", d / "out.gguf"],
+         "tensors its config does not account for",
+         setup=lambda d: (shutil.copytree(build_fixture(HF), d / "ck", copy_function=os.symlink,
+                                          ignore=shutil.ignore_patterns("config.json")),
+                          (d / "ck" / "config.json").write_text((build_fixture(HF) / "config.json").read_text()
+                                                                .replace('"num_hidden_layers": 2',
+                                                                         '"num_hidden_layers": 1'))),
+         absent=("out.gguf", "out-mmproj.gguf")),
     Case("truncated-gguf-inspect", lambda d, m: ["inspect", d / "cut.gguf"], "truncated"),
     Case("huge-tensor-count", lambda d, m: ["inspect", d / "huge.gguf"], "huge.gguf"),
     Case("huge-tensor-count-run", lambda d, m: ["run", d / "huge.gguf", "-p", "hi"], "huge.gguf"),
