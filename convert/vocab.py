@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ from typing import Any
 import gguf
 from gguf.vocab import MistralTokenizerType, MistralVocab
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokens
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
+from convert.chat_template import compiled, control_pattern
 from convert.errors import ConversionError
 
 # A tool for the probes: mistral-common renders its schema, the template must render the same.
@@ -218,16 +217,6 @@ def _probes(mistral: MistralTokenizer) -> dict[str, dict[str, Any]]:
     return probes
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # As smallfour renders templates (smallfour/prompts.py): plain json.dumps, as Hugging Face's environment does.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise(message: str) -> None:
-    raise TemplateError(message)
-
-
 def template_disagreement(template: str, mistral: MistralTokenizer) -> str | None:
     """Why `template` does not give mistral-common's token ids for every probe (None when it does).
 
@@ -237,12 +226,9 @@ def template_disagreement(template: str, mistral: MistralTokenizer) -> str | Non
     """
     tokenizer = mistral.instruct_tokenizer.tokenizer
     control = {tokenizer.id_to_piece(i): i for i in range(tokenizer.num_special_tokens)}
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(control, key=len, reverse=True)))
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = _raise
-    environment.filters["tojson"] = _tojson
+    pattern = control_pattern(tuple(control))
     try:
-        compiled = environment.from_string(template)
+        renderer = compiled(template)
     except TemplateError as exc:
         return f"it does not parse: {_one_line(exc)}"
     for name, probe in _probes(mistral).items():
@@ -253,7 +239,7 @@ def template_disagreement(template: str, mistral: MistralTokenizer) -> str | Non
             continue  # a feature this tokenizer's format lacks: there is nothing to compare
         settings = {key: value for key, value in probe.items() if key != "messages"}
         try:
-            text = compiled.render(messages=copy.deepcopy(probe["messages"]), bos_token="<s>", eos_token="</s>",
+            text = renderer.render(messages=copy.deepcopy(probe["messages"]), bos_token="<s>", eos_token="</s>",
                                    add_generation_prompt=True, **settings)
         except Exception as exc:  # noqa: BLE001 - a shipped template may fail in any way; that is a disagreement
             return f"probe '{name}' fails to render: {_one_line(exc)}"

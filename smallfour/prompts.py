@@ -1,8 +1,8 @@
 """Chat prompts rendered from the template stored in the GGUF, tokenized the way Mistral does.
 
-We render with our own Jinja environment (the one Hugging Face uses: sandboxed,
-`trim_blocks`, `lstrip_blocks`) rather than llama-cpp-python's formatter so that
-model settings such as `reasoning_effort` reach the template.
+We render with our own Jinja environment (`convert/chat_template.py`: the one Hugging
+Face uses) rather than llama-cpp-python's formatter so that model settings such as
+`reasoning_effort` reach the template.
 
 Tokenizing the rendered text with special-token parsing would let a user's
 message that contains the text `[INST]` or `[/THINK]` inject control tokens.
@@ -16,15 +16,13 @@ tokens (template text and message text together) is tokenized as plain text.
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import Template, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateError
 
+from convert.chat_template import compiled, control_pattern
 from smallfour.errors import SmallfourError
 
 Message = dict[str, Any]
@@ -32,31 +30,6 @@ Message = dict[str, Any]
 # Marker for the i-th message text: characters no tokenizer input or template contains.
 _MARKER = "\ue000{}\ue001"
 _MARKER_RE = re.compile("\ue000(\\d+)\ue001")
-
-
-def _raise(message: str) -> None:
-    raise TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # Jinja's own filter sorts keys and HTML-escapes; chat templates expect plain json.dumps
-    # (as Hugging Face's environment provides), which is also what mistral-common writes.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = _raise
-    environment.filters["tojson"] = _tojson
-    return environment
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(template: str) -> Template:
-    # Compiling Mistral's template takes tens of milliseconds, as long as the prefill of a short
-    # prompt: once per template, not once per request.
-    return _environment().from_string(template)
 
 
 def user_turn(prompt: str) -> list[Message]:
@@ -90,7 +63,7 @@ def render_segments(template: str, messages: list[Message], **settings: Any) -> 
                     if isinstance(block, dict) and key in block:
                         block[key] = mark(block[key])
     try:
-        rendered = _compiled(template).render(
+        rendered = compiled(template).render(
             messages=marked, bos_token="<s>", eos_token="</s>", add_generation_prompt=True, **settings
         )
     except TemplateError as exc:
@@ -108,15 +81,9 @@ def render_chat(template: str, messages: list[Message], **settings: Any) -> str:
     return "".join(s.text for s in render_segments(template, messages, **settings))
 
 
-@functools.lru_cache(maxsize=8)
-def _control_pattern(names: tuple[str, ...]) -> re.Pattern:
-    # Longest first, so that `[/THINK]` is not read as a shorter token; built once per vocabulary.
-    return re.compile("|".join(re.escape(t) for t in sorted(names, key=len, reverse=True)))
-
-
 def split_on_control_tokens(segments: list[Segment], control: dict[str, int]) -> list[int | str]:
     """Control-token ids found in template-written text, and the plain text runs between them."""
-    pattern = _control_pattern(tuple(control))
+    pattern = control_pattern(tuple(control))
     pieces: list[int | str] = []
     pending = ""
     for segment in segments:
