@@ -214,6 +214,9 @@ class Model:
             llama_cpp.llama_model_free(model)
             raise SmallfourError(f"llama.cpp could not create a context of {n_ctx} tokens for {path.name} "
                                  "(run with -v for llama.cpp's log)")
+        from smallfour.rpc import bound_connections
+
+        bound_connections()  # with --rpc: a silent worker ends the run instead of blocking it
         return cls(path, model, ctx, keep_alive)
 
     def close(self) -> None:

@@ -168,8 +168,9 @@ def backend_devices() -> list[BackendDevice]:
 
 
 def gpu_devices() -> list[BackendDevice]:
-    """The GPUs this llama.cpp build can use."""
-    return [d for d in backend_devices() if d.is_gpu]
+    """The GPUs this llama.cpp build can use, in the order a model takes them (and `--tensor-split` lists them):
+    llama.cpp puts RPC workers' devices (`smallfour.rpc`) before the local GPUs."""
+    return sorted((d for d in backend_devices() if d.is_gpu), key=lambda d: d.backend != "RPC")
 
 
 def split_for_gpus(gpus: int | None, tensor_split: tuple[float, ...] | None) -> tuple[int | None, tuple[float, ...] | None]:

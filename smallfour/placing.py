@@ -29,6 +29,16 @@ class PlacementFlags:
     flash_attn: bool = True  # as `plan` assumes: without it long contexts need far larger compute buffers
     plan: str = "check"
     force: bool = False
+    rpc: str | None = None  # HOST:PORT[,…] of `smallfour worker`s
+
+    def connect(self) -> None:
+        """Add the `--rpc` workers' devices to llama.cpp's device list, before anything counts or places devices."""
+        if self.rpc:
+            from smallfour.model import llama_log_callback
+            from smallfour.rpc import attach, parse_endpoints
+
+            llama_log_callback()  # ggml logs loading the RPC backend: like llama.cpp's own log, shown only with -v
+            attach(parse_endpoints(self.rpc))
 
     def resolve(self, model: Path, n_ctx: int, hardware=None, mmproj: Path | None = None):
         return placement_for(model, n_ctx=n_ctx, mmproj=mmproj, kv_type=self.kv_type, cpu_experts=self.cpu_experts,

@@ -396,6 +396,24 @@ class Plan:
         }
 
 
+def network_bytes_per_token(plan: Plan, remote: set[int]) -> int:
+    """Bytes that cross the network per decoded token when the GPUs numbered in `remote` are RPC workers.
+
+    Layers run in order, input embeddings on this machine; each hand-over to or from a worker carries the
+    hidden state (f32), so does each trip of a worker's layer to routed experts kept in this machine's RAM
+    (`--cpu-experts`), and the logits (f32, whole vocabulary) come back when a worker holds the output layer.
+    Weights and the KV cache stay where they are.
+    """
+    model, layout = plan.model, plan.layout
+    state = 4 * model.hidden_size
+    stages = [CPU] + [layout.device_of_layer(layer) for layer in range(model.n_layers + 1)]
+    crossings = sum(1 for a, b in zip(stages, stages[1:]) if a != b and (a in remote or b in remote))
+    crossings += 2 * sum(1 for layer in range(min(layout.cpu_experts, model.n_layers))
+                         if layout.device_of_layer(layer) in remote)
+    logits = 4 * model.vocab_size if stages[-1] in remote else 0
+    return crossings * state + logits
+
+
 def _read_per_token(model: ModelInfo, tensor: TensorInfo) -> float:
     if tensor.role == ROLE_ROUTED_EXPERTS and model.n_experts:
         return tensor.nbytes * model.n_experts_used / model.n_experts

@@ -111,6 +111,10 @@ _PLACEMENT_OPTIONS = {
         "--plan", rich_help_panel=PLACEMENT_HELP,
         help="auto: place layers, experts and the GPU split as `smallfour plan` decides (your placement flags are "
              "ignored); check: keep your flags, but refuse to load what the planner says cannot fit here.")],
+    "rpc": Annotated[Optional[str], typer.Option(
+        "--rpc", rich_help_panel=PLACEMENT_HELP,
+        help="HOST:PORT[,HOST:PORT…] of `smallfour worker`s: their devices join the placement (before local GPUs in "
+             "--tensor-split).")],
     "force": Annotated[bool, typer.Option(
         "--force", rich_help_panel=PLACEMENT_HELP,
         help="Load even when the planner says the model will not fit in this machine's memory.")],
@@ -133,6 +137,7 @@ def with_placement_options(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         flags = PlacementFlags(**{name: kwargs.pop(name) for name in _PLACEMENT_OPTIONS})
+        flags.connect()
         return command(*args, placement=flags, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=kept + added)

@@ -69,6 +69,10 @@ def plan(
     engine: Annotated[Optional[str], typer.Option("--engine", help="vllm or sglang: print the serve command for "
                                                                    "the original FP8 release on --profile / --gpu "
                                                                    "instead (no model argument).")] = None,
+    rpc: Annotated[Optional[str], typer.Option("--rpc", rich_help_panel=PLACEMENT_HELP,
+                                               help="Workers (smallfour worker) whose devices come first in the "
+                                                    "plan, comma-separated: HOST:PORT=SIZE (a --gpu spec: 80GB, h100, "
+                                                    "24GB@1TB/s) or HOST:PORT to ask the worker.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Plan where the model goes — GPUs, CPU RAM, KV cache — before loading it. Exit code 3: it does not fit.
@@ -76,24 +80,31 @@ def plan(
     --recipe applies to --config and --model; a GGUF has its own types.
     """
     if engine is not None:
+        if rpc is not None:
+            raise SmallfourError("--rpc adds llama.cpp RPC workers; vLLM and SGLang (--engine) join machines their "
+                                 "own way")
         _plan_engine(engine, model, config, builtin, _hardware(hw_profile, gpu or [], ram), as_json)
         return
     from smallfour import inventory, planner
     from smallfour.model import default_threads
 
     the_model = _model(inventory, model, config, builtin, recipe)
-    hardware = _hardware(hw_profile, gpu or [], ram)
+    hardware, workers = _with_workers(_hardware(hw_profile, gpu or [], ram), rpc)
     mmproj_bytes = inventory.mmproj_bytes(mmproj) if mmproj else (planner.MMPROJ_ESTIMATE_BYTES if vision else 0)
     settings = planner.Settings(n_ctx=ctx, kv_type=kv_type, n_batch=batch_size, flash_attn=flash_attn,
                                 mmproj_bytes=mmproj_bytes)
     result = planner.plan(the_model, hardware, settings)
     parallel = planner.sequences_that_fit(the_model, settings, hardware) if result.fits else 0
     threads = default_threads()
+    network = planner.network_bytes_per_token(result, set(range(workers))) if workers else None
     if as_json:
-        print(json.dumps(result.as_json() | {"parallel_sequences": parallel,
+        print(json.dumps(result.as_json() | {"parallel_sequences": parallel, "network_bytes_per_token": network,
                                              "threads": {"generate": threads[0], "prompt": threads[1]}}, indent=2))
     else:
         render(result, model_arg=str(model) if model else "MODEL.gguf")
+        if network is not None:
+            out(f"network: {network / 1e3:,.1f} kB per generated token to and from the workers (add --rpc to the "
+                "flags above; each hand-over also costs a network round trip)")
         if parallel:
             out(f"parallel: {parallel} sequence{'s' if parallel != 1 else ''} of {ctx:,} tokens fit side by side "
                 "with this layout (batch/serve --parallel; at most 16 counted)")
@@ -151,6 +162,29 @@ def _hardware(profile_name: str | None, gpus: list[str], ram: str | None):
 
     base = profile(profile_name) if profile_name else None
     return hardware_from_specs(gpus, ram, base)
+
+
+def _with_workers(hardware, rpc: str | None):
+    """`hardware` with the `--rpc` workers' devices in front, as llama.cpp orders them; and how many there are."""
+    if not rpc:
+        return hardware, 0
+    from smallfour.hardware import Device, Hardware, default_gpu_bandwidth, parse_gpu
+    from smallfour.rpc import parse_endpoint, probe
+
+    remote: list[Device] = []
+    for item in rpc.split(","):
+        address, _, spec = item.partition("=")
+        endpoint = parse_endpoint(address)
+        if spec:
+            device = parse_gpu(spec, 0)
+            remote.append(Device(f"RPC{len(remote)} {endpoint} {device.name.split(' ', 1)[1]}", "gpu",
+                                 device.capacity_bytes, device.bandwidth))
+        else:  # a worker does not say what its devices are: sized by free memory, like an unnamed --gpu
+            for free, _total in probe(endpoint).memory:
+                remote.append(Device(f"RPC{len(remote)} {endpoint} {_gib(free, 0)} GiB free", "gpu", free,
+                                     default_gpu_bandwidth(free)))
+    name = f"{len(remote)} RPC device{'s' if len(remote) != 1 else ''} + {hardware.name}"
+    return Hardware(name, tuple(remote) + hardware.gpus, hardware.ram), len(remote)
 
 
 # --- rendering ----------------------------------------------------------------------------
