@@ -13,7 +13,9 @@ text is written as it arrives, nothing is redrawn.
 
 Ctrl-C during a turn stops generation after the current token; the partial answer stays
 in the conversation, marked `"interrupted": true` (the chat template ignores the mark,
-`/save` keeps it), so "go on" continues from it. Ctrl-C at the prompt clears the line,
+`/save` keeps it), so "go on" continues from it. The next prompts carry a reply cut short
+(Ctrl-C, max-tokens) as the token ids the model generated, not its text tokenized again, so
+the KV cache is reused whole (see `send`). Ctrl-C at the prompt clears the line,
 Ctrl-D or `/exit` leaves with exit code 0. Input history lives in
 `$SMALLFOUR_HOME/chat_history`, or `$XDG_STATE_HOME/smallfour/chat_history`
 (default `~/.local/state/smallfour/chat_history`).
@@ -45,16 +47,18 @@ from rich.table import Table
 from rich.text import Text
 
 from smallfour.errors import SmallfourError
-from smallfour.generation import (EFFORTS, PRESETS, ChatRequest, GenerationResult, complete, prompt_tokens,
-                                resolve_request)
+from smallfour.generation import (EFFORTS, PRESETS, ChatRequest, GenerationResult, continue_tokens, generated_reply,
+                                  prompt_with_images, resolve_request, with_generated)
 from smallfour.interrupt import Interrupt
 from smallfour.messages import load_messages
 from smallfour.model import Model
-from smallfour.vision import with_images
+from smallfour.vision import ImageSpan, with_images
 
 PROMPT = ">>> "
 CONTINUATION = "... "
 HISTORY_LENGTH = 2000
+# Key of a cut-short reply's `GeneratedReply` in its message: kept in the session, never sent or saved.
+GENERATED = "_generated"
 
 HELP = [
     ("/effort none|high", "reasoning effort for the next turns (no argument: show it)"),
@@ -135,8 +139,16 @@ class Session:
     autosave: Path | None = None  # where the conversation is saved after every entry
 
     def conversation(self) -> list[dict[str, Any]]:
+        """The messages as they are sent and saved (system prompt first, the session's own keys left out)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages
+        return system + [{k: v for k, v in m.items() if k != GENERATED} for m in self.messages]
+
+    def prompt(self, request: ChatRequest) -> tuple[list[int], list[int], list[ImageSpan]]:
+        """The template's tokens for `request`, and the tokens to evaluate: the same, but with each
+        cut-short reply's generated ids in place of its text's (see `send`), and where the images sit."""
+        _, rendered, spans = prompt_with_images(self.model, request)
+        tokens, spans = with_generated(rendered, spans, (m[GENERATED] for m in self.messages if GENERATED in m))
+        return rendered, tokens, spans
 
     def request(self) -> ChatRequest:
         overrides = {k: v for k, v in self.overrides.items() if k != "think_budget"}
@@ -308,13 +320,14 @@ def run_turn(session: Session, console: Console, text: str, *, live: bool) -> No
 def send(session: Session, console: Console, message: dict[str, Any], *, live: bool) -> None:
     """Append `message`, stream the model's reply, keep it in the conversation (or drop both on an error)."""
     session.messages.append(message)
+    model = session.model
     try:
         request = session.request()
+        rendered, tokens, spans = session.prompt(request)
     except SmallfourError:
         session.messages.pop()
         raise
     view = _TurnView()
-    model = session.model
     result: GenerationResult | None = None
     streamed = {"channel": None}
 
@@ -338,8 +351,8 @@ def send(session: Session, console: Console, message: dict[str, Any], *, live: b
             try:
                 if display is not None:
                     display.start()
-                result = complete(model, request, on_text=view.on_text if live else write_plain,
-                                  should_stop=should_stop)
+                result = continue_tokens(model, tokens, request, spans=spans,
+                                         on_text=view.on_text if live else write_plain, should_stop=should_stop)
             finally:
                 if display is not None:
                     display.stop()
@@ -372,6 +385,22 @@ def send(session: Session, console: Console, message: dict[str, Any], *, live: b
         reply["reasoning_content"] = result.reasoning_content
     if interrupted:
         reply["interrupted"] = True
+    if (interrupted or result.finish_reason == "length") and result.tokens:
+        # A reply cut short (Ctrl-C, max-tokens) was read by the model as the ids it generated, and its
+        # text does not always tokenize back into them (a character cut in half, a word split unusually,
+        # a thought left open; random weights nearly always): a prompt built from the text would match
+        # the cache only up to the reply, and everything after it would be read again. So the next
+        # prompts carry these ids in place of the text's tokens. All else stays what mistral-common
+        # encodes for the saved conversation, `</s>` after the reply included: the model never read one
+        # there (it was stopped, it did not finish), but mistral-common closes every earlier assistant
+        # message with it, and it comes after the cached part, so it costs nothing. A thought cut short
+        # keeps its `[THINK]` without `[/THINK]`, as mistral-common writes a thinking chunk with
+        # `closed: false`. A reply that ended with `</s>` is left as mistral-common re-tokenizes its text.
+        # (After a second Ctrl-C the ids are lost with the result: the text is all there is.)
+        with contextlib.suppress(SmallfourError):  # (an image gone since: the reply is kept as text)
+            generated = generated_reply(model, request, rendered, reply, result.tokens)
+            if generated is not None:
+                reply[GENERATED] = generated
     session.messages.append(reply)
 
 
@@ -459,7 +488,7 @@ def show_stats(session: Session, console: Console) -> None:
     context = f"{used} / {size} tokens in the KV cache ({100 * used / size:.0f}%)"
     if session.messages:
         try:
-            context += f"; the conversation is {len(prompt_tokens(model, request)[1])} tokens"
+            context += f"; the conversation is {len(session.prompt(request)[1])} tokens"
         except SmallfourError:
             pass
     grid.add_row("context", context)

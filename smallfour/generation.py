@@ -9,7 +9,8 @@ mistral-common's grids) and offers the one-request entry points the front ends u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from smallfour.completion import (EFFORTS, PRESETS, ChatRequest, Event, Generati
 from smallfour.engine import Engine, interpret
 from smallfour.model import Model
 from smallfour.placement import Placement
-from smallfour.prompts import render_segments, user_turn
+from smallfour.prompts import Message, render_segments, user_turn
 from smallfour.vision import ImageSpan, expand_request
 
 
@@ -44,6 +45,52 @@ def prompt_with_images(model: Model, request: ChatRequest) -> tuple[str, list[in
         # A final assistant message is a prefix to continue (mistral-common's `prefix=True`): no `</s>`.
         tokens, text = tokens[:-1], text.removesuffix("</s>")
     return text, tokens, spans
+
+
+@dataclass(frozen=True)
+class GeneratedReply:
+    """An assistant reply as the model wrote it: the token ids it generated (what the KV cache holds)
+    and the tokens the template gives its text, at `start` in the tokens of the conversation's prompt.
+
+    Text does not always tokenize back into the ids it was generated from (a word split unusually, a
+    character cut in half by Ctrl-C, a thought left open), and then a prompt built from the text
+    matches the cache only up to there. `with_generated` puts the generated ids back in its place.
+    """
+
+    start: int
+    rendered: tuple[int, ...]
+    generated: tuple[int, ...]
+
+
+def generated_reply(model: Model, request: ChatRequest, prompt: Sequence[int], reply: Message,
+                    generated: Sequence[int]) -> GeneratedReply | None:
+    """`reply`, the assistant message generated (as `generated`) after `request`'s prompt `prompt` (the
+    template's tokens, as `prompt_with_images` gives them): where its text sits in later prompts, and as
+    which tokens. None when the template does not render the reply right after the prompt."""
+    _, tokens, _ = prompt_with_images(model, replace(request, messages=[*request.messages, reply]))
+    if tokens[:len(prompt)] != list(prompt):
+        return None
+    return GeneratedReply(len(prompt), tuple(tokens[len(prompt):]), tuple(generated))
+
+
+def with_generated(tokens: list[int], spans: Sequence[ImageSpan],
+                   replies: Iterable[GeneratedReply]) -> tuple[list[int], list[ImageSpan]]:
+    """A prompt's `tokens` (images at `spans`) with each reply's rendered tokens replaced by its generated ids.
+
+    A reply is put back only where the prompt still holds exactly its rendered tokens (an earlier
+    message or setting changed: the prompt is left as the template wrote it); images after it move.
+    """
+    spans = list(spans)
+    for reply in sorted(replies, key=lambda r: r.start, reverse=True):  # the last first: earlier starts hold
+        end = reply.start + len(reply.rendered)
+        if tuple(tokens[reply.start:end]) != reply.rendered:
+            continue
+        if any(span.start < end and span.start + span.n_tokens > reply.start for span in spans):
+            continue
+        tokens = tokens[:reply.start] + list(reply.generated) + tokens[end:]
+        shift = len(reply.generated) - len(reply.rendered)
+        spans = [replace(span, start=span.start + shift) if span.start >= end else span for span in spans]
+    return tokens, spans
 
 
 def stream_generate(model: Model, request: ChatRequest, *,
@@ -76,11 +123,11 @@ def complete(model: Model, request: ChatRequest, *, on_text: Callable[[str, str]
     return _collect(stream_generate(model, request, should_stop=should_stop), on_text)
 
 
-def continue_tokens(model: Model, tokens: list[int], request: ChatRequest, *,
+def continue_tokens(model: Model, tokens: list[int], request: ChatRequest, *, spans: Sequence[ImageSpan] = (),
                     on_text: Callable[[str, str], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-    """Generate after already-tokenized prompt `tokens`, with the request's sampling and budget."""
-    return _collect(generate_from(model, tokens, request, should_stop=should_stop), on_text)
+    """Generate after already-tokenized prompt `tokens` (images at `spans`), with the request's sampling and budget."""
+    return _collect(generate_from(model, tokens, request, spans=spans, should_stop=should_stop), on_text)
 
 
 def _collect(events: Iterator[Event], on_text: Callable[[str, str], None] | None) -> GenerationResult:
@@ -115,6 +162,6 @@ def dry_run(model_path: Path, request: ChatRequest, *, verbose: bool = False) ->
         return prompt_tokens(model, request)
 
 
-__all__ = ["EFFORTS", "PRESETS", "ChatRequest", "Event", "GenerationResult", "Sampling", "complete",
-           "continue_tokens", "dry_run", "generate_from", "interpret", "one_shot", "prompt_tokens",
-           "prompt_with_images", "resolve_request", "stream_generate", "user_turn"]
+__all__ = ["EFFORTS", "PRESETS", "ChatRequest", "Event", "GeneratedReply", "GenerationResult", "Sampling", "complete",
+           "continue_tokens", "dry_run", "generate_from", "generated_reply", "interpret", "one_shot", "prompt_tokens",
+           "prompt_with_images", "resolve_request", "stream_generate", "user_turn", "with_generated"]

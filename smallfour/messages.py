@@ -6,6 +6,12 @@
 template. Content is a string, or a list of `text` and image parts (`image_url`, or
 `image` as some clients write it); only user messages take images; an assistant
 message may have no content (a tool call).
+
+A user or system message must say something: content that is empty, only whitespace, or
+parts with no image and only blank text is refused like missing content, rather than run
+as an empty turn (OpenAI accepts it; the model would answer a question nobody asked). A
+tool result may be empty (a function that returns nothing), and an assistant message's
+content is the chat template's to judge (a tool call or a thought may stand without text).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from smallfour.errors import SmallfourError
 
 ROLES = ("system", "user", "assistant", "tool")
 IMAGE_PARTS = ("image_url", "image")
+SAYS_SOMETHING = ("system", "user")  # roles whose content may not be empty
 
 
 class MessageError(SmallfourError):
@@ -46,8 +53,13 @@ def _check_message(message: Any, where: str) -> None:
     elif isinstance(content, list):
         for j, part in enumerate(content):
             _check_part(part, role, f"{where}.content[{j}]")
+        if role in SAYS_SOMETHING and not any(part["type"] in IMAGE_PARTS or part["text"].strip() for part in content):
+            what = "no parts" if not content else "no image and no text but whitespace"
+            raise MessageError(f"{where} ({role}) has empty content: {what}")
     elif not isinstance(content, str):
         raise MessageError(f"{where}.content must be a string or a list of text and image parts")
+    elif role in SAYS_SOMETHING and not content.strip():
+        raise MessageError(f"{where} ({role}) has empty content" + (": only whitespace" if content else ""))
 
 
 def _check_part(part: Any, role: str, where: str) -> None:

@@ -41,6 +41,8 @@ def test_chat_repl_in_a_terminal(converted, terminal, tmp_path):
 
     # Ctrl-C while the model writes a long answer: generation stops, the REPL stays.
     assert "max-tokens 2000" in term.submit("/set max-tokens 2000")
+    # Temperature 1 on random weights: a reply whose text does not tokenize back into its ids (below).
+    assert "temperature 1.0" in term.submit("/set temperature 1")
     count = term.prompts(term.lines())
     term.type("Tell me a long story")
     term.keys("Enter")
@@ -48,18 +50,25 @@ def test_chat_repl_in_a_terminal(converted, terminal, tmp_path):
     def writing(lines: list[str]) -> bool:
         footer = [line for line in lines if line][-1:]
         counts = [int(n) for n in re.findall(r"(\d+) tokens[^\n]*\(Ctrl-C stops\)", "\n".join(footer))]
-        return bool(counts) and counts[-1] >= 10
+        return bool(counts) and counts[-1] >= 40
 
     term.wait(writing, 60, "the answer to stream")
     term.keys("C-c")
     lines = term.wait(lambda ls: term.at_prompt(ls, count + 1), 30, "the prompt after Ctrl-C")
     stopped = re.findall(r"\[interrupted after (\d+) tokens; the partial answer is kept\]", "\n".join(lines))
-    assert stopped and 10 <= int(stopped[-1]) < 1000, "\n".join(lines[-20:])
+    assert stopped and 40 <= int(stopped[-1]) < 1000, "\n".join(lines[-20:])
     third = stats_numbers(term.submit("/stats"))
     assert third["reply"] == int(stopped[-1])
     # The conversation so far came from the KV cache: at least the whole previous prompt.
     assert third["reused"] >= second["prompt"] and third["evaluated"] < third["prompt"] - second["prompt"] + 40
     assert third["context_used"] >= third["prompt"] + third["reply"] - 1
+    # The next turn reads everything before it from the cache, the interrupted reply included: the prompt
+    # carries the ids the model generated, not the reply's text tokenized again.
+    assert "max-tokens 16" in term.submit("/set max-tokens 16")
+    term.submit("Go on")
+    after = stats_numbers(term.submit("/stats"))
+    assert after["reused"] >= 0.9 * third["context_used"], (after, third)
+    assert after["evaluated"] < 20 and after["prompt"] > third["context_used"]
 
     # Ctrl-C at the prompt drops the line typed so far.
     count = term.prompts(term.lines())
@@ -68,13 +77,14 @@ def test_chat_repl_in_a_terminal(converted, terminal, tmp_path):
     term.keys("C-c")
     term.wait(lambda ls: term.at_prompt(ls, count + 1), 10, "a fresh prompt after Ctrl-C")
 
-    assert f"saved 6 messages to {saved}" in term.submit(f"/save {saved}")
+    assert f"saved 8 messages to {saved}" in term.submit(f"/save {saved}")
     messages = json.loads(saved.read_text(encoding="utf-8"))
-    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 4
     assert messages[0]["content"] == "Bonjour\nsecond line"
-    assert [m["content"] for m in messages[2::2]] == ["And now think", "Tell me a long story"]
+    assert [m["content"] for m in messages[2::2]] == ["And now think", "Tell me a long story", "Go on"]
     assert all(m["content"] or m.get("reasoning_content") for m in messages[1::2])
-    assert messages[-1]["interrupted"] is True and "interrupted" not in messages[1] and "interrupted" not in messages[3]
+    assert messages[5]["interrupted"] is True and not any("interrupted" in messages[i] for i in (1, 3, 7))
+    assert all(set(m) <= {"role", "content", "reasoning_content", "interrupted"} for m in messages)
     assert "never sent" not in json.dumps(messages)
 
     # Ctrl-D leaves with exit code 0.
@@ -89,7 +99,7 @@ def test_chat_repl_in_a_terminal(converted, terminal, tmp_path):
     again.keys("Up")
     again.wait(lambda ls: any(line == f"{PROMPT} /save {saved}" for line in ls), 10, "the recalled entry")
     again.keys("C-u")
-    assert "loaded 6 messages" in again.submit(f"/load {saved}")
+    assert "loaded 8 messages" in again.submit(f"/load {saved}")
     again.submit("Continue")
     fourth = stats_numbers(again.submit("/stats"))
     assert fourth["reused"] == 0 and fourth["prompt"] > third["prompt"] + 5  # the loaded conversation was sent
@@ -129,10 +139,13 @@ def test_no_command_ends_the_repl_and_every_turn_is_saved(converted, tmp_path):
     (tmp_path / "number.json").write_text('[{"role": "user", "content": 123}]')
     (tmp_path / "object.json").write_text('{"messages": 5}')
     (tmp_path / "markup[x].json").write_text("[/INST] not json")
+    (tmp_path / "empty.json").write_text('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},'
+                                         ' {"role": "user", "content": ""}]')
     env = {**os.environ, "SMALLFOUR_HOME": str(tmp_path / "home")}
     bad = ["/load latin1.json", "/load number.json", "/load object.json", "/load markup[x].json", "/load missing.json",
-           "/image nowhere.png", "/set top-p 7", "/bogus", "/effort extreme"]
-    script = "\n".join(["hello", *bad, "second", ""])
+           "/image nowhere.png", "/set top-p 7", "/bogus", "/effort extreme", "/load empty.json"]
+    # Empty entries (a blank line, spaces, an empty triple-quoted block) send nothing and are no error either.
+    script = "\n".join(["hello", *bad, "", "   ", '""" """', "second", ""])
     chat = [*SMALLFOUR, "chat", str(model), "--ctx", "1024", "-n", "8", "--seed", "3"]
     result = subprocess.run(chat, input=script, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     output = result.stdout + result.stderr
@@ -140,6 +153,7 @@ def test_no_command_ends_the_repl_and_every_turn_is_saved(converted, tmp_path):
     errors = [line.removeprefix(PROMPT).strip() for line in result.stdout.splitlines() if "error: " in line]
     assert len(errors) == len(bad), output
     assert "not UTF-8" in errors[0] and "content must be a string" in errors[1] and "markup[x].json" in errors[3]
+    assert errors[9] == "error: empty.json: messages[2] (user) has empty content", output
     saved = list((tmp_path / "home" / "chats").glob("*.json"))
     assert len(saved) == 1, saved
     users = [m["content"] for m in json.loads(saved[0].read_text(encoding="utf-8")) if m["role"] == "user"]
