@@ -113,6 +113,7 @@ CASES = [
          setup=write("m.json", "[]")),
     Case("messages-null-content", lambda d, m: ["run", m, "--messages", d / "m.json"], "has no content",
          setup=write("m.json", '[{"role": "user", "content": null}]')),
+    Case("empty-prompt", lambda d, m: ["run", m, "-p", "  "], "the prompt given with -p is empty"),
     Case("tensor-split-nan", lambda d, m: ["run", m, "-p", "hi", "--tensor-split", "nan,1"], "finite"),
     Case("tensor-split-inf", lambda d, m: ["run", m, "-p", "hi", "--tensor-split", "1,inf"], "finite"),
     Case("tensor-split-negative", lambda d, m: ["run", m, "-p", "hi", "--tensor-split", "-1,2"], "≥ 0"),

@@ -33,6 +33,8 @@ def request_messages(prompt: str | None, system: str | None) -> list[dict]:
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise SmallfourError("the prompt on stdin is empty")
+    elif not prompt.strip():
+        raise SmallfourError("the prompt given with -p is empty")
     return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user",
                                                                                        "content": prompt}]
 
