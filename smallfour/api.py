@@ -17,6 +17,7 @@ from typing import Any
 
 from smallfour.generation import ChatRequest, Event, GenerationResult, complete, resolve_request
 from smallfour.generation import stream_generate as _stream
+from smallfour.messages import check_messages
 from smallfour.model import Model
 from smallfour.placement import Placement
 
@@ -45,7 +46,7 @@ def _request(messages: str | list[dict[str, Any]] | ChatRequest, options: dict[s
         return messages
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    return resolve_request(messages, **options)
+    return resolve_request(check_messages(messages), **options)
 
 
 def generate(model: Model, messages: str | list[dict[str, Any]] | ChatRequest, **options: Any) -> GenerationResult:

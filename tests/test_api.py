@@ -29,6 +29,8 @@ def test_convert_load_generate_stream_plan_quantize(checkpoint, tmp_path):
         assert streamed == events[-1].result.content == answer.content
         assert events[-1].result.cached_tokens == answer.prompt_tokens - 1
         assert smallfour.generate(model, "Hello", max_tokens=4).prompt_tokens > 0
+        with pytest.raises(smallfour.SmallfourError, match=r"messages\[0\] \(user\) has empty content"):
+            smallfour.generate(model, " ")
 
     smaller = tmp_path / "m-q4.gguf"
     smallfour.quantize(gguf, smaller, "q4_k")
