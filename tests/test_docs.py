@@ -1,21 +1,24 @@
-"""The docs cannot drift from the CLI: every `smallfour …` line in a shell block of docs/*.md and the README parses.
+"""The docs cannot drift from the CLI: every shell block of docs/*.md and the README runs, or says why not.
 
-A first step toward running every block against the demo model: each documented command line
-names a command that exists, and every option it uses is one that command takes (long or
-short, `--no-…` forms included), so renaming or dropping an option fails here until the docs
-follow.
+Two checks. Every `smallfour …` line of a shell block, marked or not, names a command that exists
+and only options it takes (long or short, `--no-…` forms included). And every shell block without a
+`<!-- needs: … -->` marker runs against the demo model, document by document in a private home and
+work directory, exits 0, and prints what the docs show modulo what is random (tests/docs_blocks.py;
+the convention is in docs/development.md, "Docs that run").
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
+from docs_blocks import (DOCUMENTS, NEEDS, OUTPUT_KINDS, REPO, Block, all_blocks, blocks, compare,
+                         make_sandbox, run_block, steps)
 
-REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+from smallfour.fixtures.checkpoint import DEMO_SPEC, build_fixture
 SHELL_BLOCK = re.compile(r"^```(sh|bash|console|shell)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 SEPARATORS = {"|", "||", "&&", ";", "&"}
 
@@ -91,3 +94,96 @@ def test_documented_command_lines_parse(document, line):
             flag = arg.split("=", 1)[0]
             if arg.startswith("-") and arg != "-" and not re.fullmatch(r"-\d+(\.\d+)?", arg) and not flag.startswith("-…"):
                 assert flag in options[command], f"{document}: `{line}`: `smallfour {command}` has no option {flag}"
+
+
+# --- every unmarked shell block runs against the demo model ----------------------------------------------
+
+BLOCKS = all_blocks()
+SHELL_BLOCKS = [b for b in BLOCKS if b.shell]
+RUNNABLE = [b for b in SHELL_BLOCKS if not b.needs]
+RUN_DOCUMENTS = sorted({b.document for b in RUNNABLE} | {b.document for b in BLOCKS if b.file})
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory) -> Path:
+    """A home whose model store holds the demo model as `demo` (from `smallfour demo`) and as `tiny-q8_0`."""
+    box = make_sandbox(tmp_path_factory.mktemp("docs-template"), None, build_fixture(DEMO_SPEC))
+    result = box.run("smallfour demo")
+    assert result.returncode == 0, result.stdout
+    models = box.home / ".cache" / "smallfour" / "models"
+    for suffix in (".gguf", "-mmproj.gguf"):
+        (models / f"tiny-q8_0{suffix}").hardlink_to(models / f"demo{suffix}")
+    return box.home
+
+
+def test_every_shell_block_runs_or_is_marked():
+    assert len(SHELL_BLOCKS) > 50 and len(RUNNABLE) > 15  # the extraction works
+    for block in BLOCKS:
+        unknown = [kind for kind in block.needs if kind not in NEEDS]
+        assert not unknown, f"{block.id}: unknown `needs:` {unknown}; known: {sorted(NEEDS)}"
+        assert block.output in (None, *OUTPUT_KINDS), f"{block.id}: unknown `output:` {block.output!r}"
+        assert not (block.generated or block.output) or block.shell, f"{block.id}: output markers on a non-shell block"
+        lines = len(block.body.splitlines())
+        assert all(1 <= n <= lines for n in block.generated), f"{block.id}: `generated:` past the block's {lines} lines"
+        if block.generated:
+            shown = {n for step in steps(block) for n in range(step.first_line, step.first_line + len(step.expected))}
+            assert block.generated <= shown, f"{block.id}: `generated:` lines {sorted(block.generated - shown)} " \
+                                             f"are not output"
+
+
+@pytest.mark.parametrize("document", RUN_DOCUMENTS)
+def test_documented_blocks_run_against_the_demo_model(document, demo_home, tmp_path):
+    box = make_sandbox(tmp_path, demo_home, build_fixture(DEMO_SPEC))
+    memo: dict[str, subprocess.CompletedProcess] = {}
+    failures = []
+    for block in blocks(REPO / document):
+        if block.file:
+            (box.work / block.file).write_text(block.body)
+        if block.shell and not block.needs:
+            failures += run_block(block, box, memo)
+    assert not failures, "\n\n".join(map(str, failures))
+
+
+# --- the check itself can fail ------------------------------------------------------------------------
+
+SCALE = next(b for b in RUNNABLE if b.document == "docs/scale.md" and "--engine vllm" in b.body)
+
+
+def test_a_changed_message_is_caught(demo_home, tmp_path):
+    """The scale.md block passes as written, and fails once a word or the line count of its output changes."""
+    box = make_sandbox(tmp_path, demo_home, build_fixture(DEMO_SPEC))
+    (step,) = steps(SCALE)
+    printed = box.run(step.command)
+    assert printed.returncode == 0, printed.stdout
+    actual = printed.stdout.splitlines()
+    assert compare(step.expected, set(), actual, box.replacements()) is None
+    reworded = [line.replace("tensor parallel", "tensor-parallel") for line in step.expected]
+    assert "tensor-parallel 2" in compare(reworded, set(), actual, box.replacements())
+    assert compare(step.expected[:-1], set(), actual, box.replacements()) is not None
+    assert compare(step.expected + ["done"], set(), actual, box.replacements()) is not None
+    # numbers are free, words are not
+    renumbered = [re.sub(r"\d+", "7", line) for line in step.expected]
+    assert compare(renumbered, set(), actual, box.replacements()) is None
+
+
+def test_an_unmarked_block_that_does_not_run_fails(demo_home, tmp_path):
+    box = make_sandbox(tmp_path, demo_home, build_fixture(DEMO_SPEC))
+    broken = Block("docs/x.md", 1, "sh", "smallfour inspect demo\nsmallfour run no-such-model -p hi\n")
+    (failure,) = run_block(broken, box, {})
+    assert "exit status 1" in failure.message and "no-such-model" in failure.message
+    wrong_output = Block("docs/x.md", 1, "console",
+                         "$ smallfour run demo -p Bonjour --dry-run\n<s>[INST]Bonjour[/INST]\n")
+    (failure,) = run_block(wrong_output, box, {})
+    assert "shown line '<s>[INST]Bonjour[/INST]'" in failure.message
+
+
+def test_the_comparison_rules():
+    printed = [" noise Gymnasium", "more noise", "load: 0.39 s", "│ demo │ 45.1 MB │", "/x/tmp/sf/a-0123456789ab"]
+    shown = [" pal koz", "load:   1.74 s", "│ demo    │  … MB │", "/tmp/sf/a-9676b382e3a2"]
+    assert compare(shown, {0}, printed, {"/x/tmp/": "/tmp/"}) is None  # a generated run spans two lines
+    assert compare(shown, set(), printed, {"/x/tmp/": "/tmp/"}) is not None  # not marked generated: compared
+    assert compare(["…", "load: 2 s", "…"], set(), printed, {}) is None
+    assert compare(["…", "load: 2 ms", "…"], set(), printed, {}) is not None
+    assert compare(['{"content": "x", "usage": {"n": 1}}'], {0}, ['{"content": "y z", "usage": {"n": 4}}'], {}) is None
+    assert compare(['{"content": "x", "usage": {"n": 1}}'], {0}, ['{"content": "y z", "usage": {"m": 4}}'], {}) \
+        is not None
