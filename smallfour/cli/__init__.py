@@ -14,7 +14,8 @@ from typing import Annotated, get_args, get_origin
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from smallfour.cli import batch, chat, convert, demo, doctor, imatrix, inspect, plan, quantize, run, serve, store
+from smallfour.cli import (batch, bundle, chat, convert, demo, doctor, imatrix, inspect, plan, quantize, run, serve,
+                           store, worker)
 from smallfour.console import err
 from smallfour.errors import SmallfourError
 
@@ -105,9 +106,11 @@ app.command(name="pull", cls=_Command)(store.pull)
 app.command(name="models", cls=_Command)(store.models)
 app.command(name="rm", cls=_Command)(store.rm)
 app.command(name="doctor", cls=_Command)(doctor.doctor)
+app.command(name="bundle", cls=_Command)(bundle.bundle)
 app.command(name="plan", cls=_Command)(plan.plan)
 app.command(name="quantize", cls=_Command)(quantize.quantize)
 app.command(name="imatrix", cls=_Command)(imatrix.imatrix)
+app.command(name="worker", cls=_Command)(worker.worker)
 
 
 def main() -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from smallfour.cli.options import AsJson
-from smallfour.console import out
+from smallfour.console import err, out
 
 _LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
 
@@ -21,11 +23,22 @@ def doctor(
                                                                       "killed convert/quantize runs (the store and "
                                                                       "the current directory are always "
                                                                       "checked).")] = None,
+    check_gpu: Annotated[bool, typer.Option("--check-gpu", help="Instead: run the GPU self-check (GPU against CPU "
+                                                                "logits, expert offload, planner bytes, vision, "
+                                                                "speed) on the demo model and a 400 MB fixture; "
+                                                                "exit 0 only if every check holds.")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="With --check-gpu: also write the "
+                                                                          "results as JSON to FILE.")] = None,
 ) -> None:
     """Check this install: llama.cpp backend (CPU/CUDA/Metal/Vulkan), GPUs, RAM, disk, versions — and what to fix."""
     from smallfour.doctor import collect
     from smallfour.store import human_bytes
 
+    if check_gpu:
+        _check_gpu(as_json, output)
+        return
+    if output is not None:
+        raise typer.BadParameter("--output goes with --check-gpu", param_hint="--output")
     report = collect(scan)
     failed = any(f["level"] == "fail" for f in report["findings"])
     if as_json:
@@ -66,4 +79,39 @@ def doctor(
         if finding["fix"]:
             out(f"      fix: {finding['fix']}")
     if failed:
+        raise typer.Exit(1)
+
+
+_OK_STYLE = {True: ("ok", "green"), False: ("FAIL", "bold red"), None: ("info", "cyan")}
+
+
+def gpu_table(report: dict) -> Table:
+    table = Table("model", "check", "", "measured", title=f"GPU self-check on {', '.join(report['gpus']) or 'no GPU'}",
+                  title_justify="left")
+    for check in report["checks"]:
+        word, style = _OK_STYLE[check["ok"]]
+        table.add_row(check["model"], check["name"], Text(word, style), check["detail"])
+    return table
+
+
+def _check_gpu(as_json: bool, output: Path | None) -> None:
+    """`doctor --check-gpu`: the table (or JSON on stdout), the JSON file, exit 1 if any check failed."""
+    from smallfour.gpucheck import default_subjects, gpu_names_or_refuse, run_checks, write_report
+
+    gpus = gpu_names_or_refuse()
+
+    def say(text: str) -> None:  # one line per step (each a load and a few measurements: seconds)
+        err((f"{time.perf_counter() - started:6.1f} s ", "dim"), text)
+
+    started = time.perf_counter()
+    report = run_checks(default_subjects(say), gpus, say)
+    if output is not None:
+        write_report(output, report)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        out(gpu_table(report))
+        out((("all checks hold" if report["passed"] else "some checks failed")
+             + " (what a failure means: docs/troubleshooting.md)", "bold green" if report["passed"] else "bold red"))
+    if not report["passed"]:
         raise typer.Exit(1)

@@ -1,0 +1,411 @@
+"""`smallfour doctor --check-gpu`: does this llama.cpp build compute on the GPU(s) what it computes on the CPU?
+
+For each model (the demo and a few-hundred-MB fixture) it loads the GGUF several ways and
+compares each with a CPU reference:
+
+- the CPU reference runs in a child process with every GPU hidden (CUDA/HIP/Vulkan visible
+  devices set empty), so nothing in it can run on a GPU, not even llama.cpp's offload of large
+  CPU-side batches;
+- everything on the GPU(s), then `--cpu-experts all` and `--cpu-experts N`: the logits of a
+  fixed prompt equal the CPU's within `LOGITS_TOLERANCE`, and the routed-expert tensors the
+  overrides name are exactly those llama.cpp's log says it moved to the CPU;
+- the planner's layout: per device, the weight and KV bytes it planned equal the model and KV
+  buffers llama.cpp's log reports (compute buffers reported beside them);
+- with two GPUs or more, layer and row split give the same greedy tokens;
+- the vision projector on the GPU gives the CPU's image embeddings within `EMBEDDING_TOLERANCE`;
+- prefill and decode tokens/s, GPU and CPU (reported, not judged: a tiny model can decode
+  faster on the CPU).
+
+Every check is a `Check`; the command passes only if none failed. The comparisons are plain
+functions of two `Run`s, so a CPU-only machine tests them on CPU-against-CPU runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from smallfour.errors import SmallfourError
+from smallfour.fixtures.checkpoint import DEMO_SPEC, FixtureSpec
+from smallfour.placement import Placement, expert_overrides
+
+# max |GPU − CPU| / max |CPU| over each position's logits: q8_0 GEMMs on the GPU quantize activations
+# and accumulate in another order than the CPU's; 2 % of the logit range keeps every non-tied argmax.
+LOGITS_TOLERANCE = 0.02
+# the same measure over an image's embedding rows
+EMBEDDING_TOLERANCE = 0.02
+# a greedy token may differ only where the reference's top two logits are this close (fraction of the range)
+NEAR_TIE = 0.01
+# the planner's weight bytes per device against llama.cpp's model buffers: tensor padding and the log's MiB rounding
+PLANNER_WEIGHTS_TOLERANCE = 0.01
+MIB = 2**20
+LOG_ROUNDING = MIB // 100  # llama.cpp's log prints buffer sizes in MiB to 2 decimals
+PROMPT_TOKENS = 24  # below 32: the CPU reference would not offload these batches even if a GPU were visible
+SPEED_PROMPT_TOKENS = 512
+DECODE_TOKENS = 48
+N_CTX = 2048
+# The second model: 131072 × 1024 token embedding and output head (2 × 143 MB at q8_0) and 4 layers of 16
+# experts (≈ 107 MB): about 400 MB, enough that every kernel runs at a real size.
+LARGE_SPEC = FixtureSpec(layout="native", hidden_size=1024, n_layers=4, n_heads=8, q_lora_rank=256, kv_lora_rank=128,
+                         expert_ff=512, dense_ff=2048)
+HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": "", "ROCR_VISIBLE_DEVICES": "",
+             "GGML_VK_VISIBLE_DEVICES": ""}
+
+BUFFER_LINE = re.compile(r"(\S+) (model|KV|compute) buffer size =\s*([\d.]+) MiB")
+OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+
+
+class NoGpu(SmallfourError):
+    """The GPU self-check on a machine (or a llama.cpp build) without a GPU."""
+
+
+@dataclass
+class Check:
+    model: str
+    name: str
+    ok: bool | None  # None: a measurement reported, not judged (or not applicable here)
+    detail: str
+    values: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """One load of a model, measured."""
+
+    logits: np.ndarray  # [PROMPT_TOKENS, vocab] for the fixed prompt
+    greedy: list[int]
+    margins: list[float]  # top-1 minus top-2 logit at each greedy step, over the logit range
+    buffers: dict[str, dict[str, int]] = field(default_factory=dict)  # buffer name → {model|KV|compute: bytes}
+    overridden: dict[str, str] = field(default_factory=dict)  # tensor → buffer type it was moved to
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    embeddings: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model to check: its GGUF, its projector (or None), a label."""
+
+    label: str
+    gguf: Path
+    mmproj: Path | None = None
+
+
+# --- measuring --------------------------------------------------------------------------------------------------
+
+
+def prompts(n_vocab: int) -> tuple[list[int], list[int]]:
+    """The fixed prompt (logits) and the longer one (prefill speed): ordinary tokens, the same every run."""
+    rng = np.random.default_rng(14)
+    ordinary = (1000, min(n_vocab, 100_000))
+    return [int(t) for t in rng.integers(*ordinary, PROMPT_TOKENS)], \
+        [int(t) for t in rng.integers(*ordinary, SPEED_PROMPT_TOKENS)]
+
+
+def parse_log(log: str) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    """llama.cpp's load log → (buffer sizes by buffer name and kind, tensors moved by an override)."""
+    buffers: dict[str, dict[str, int]] = {}
+    for name, kind, mib in BUFFER_LINE.findall(log):
+        held = buffers.setdefault(name, {})
+        held[kind] = held.get(kind, 0) + round(float(mib) * MIB)
+    return buffers, dict(OVERRIDDEN.findall(log))
+
+
+def measure(subject: Subject, placement: Placement, *, speed: bool = False, vision: bool = False) -> Run:
+    """Load `subject` as `placement` says and measure it; llama.cpp's log is captured, not shown."""
+    from smallfour.model import Model
+
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        model = Model.load(subject.gguf, n_ctx=N_CTX, placement=placement, verbose=True)
+        try:
+            prompt, long_prompt = prompts(model.n_vocab)
+            logits = model.evaluate(prompt)
+            model.reset()
+            model.decode(prompt)
+            greedy, margins = [], []
+            for _ in range(DECODE_TOKENS):
+                row = model.logits()
+                top2 = np.partition(row, -2)[-2:]
+                greedy.append(int(np.argmax(row)))
+                margins.append(float((top2[1] - top2[0]) / max(float(np.ptp(row)), 1e-30)))
+                model.decode([greedy[-1]])
+            run = Run(logits, greedy, margins)
+            if speed:
+                run.prefill_tps, run.decode_tps = _speed(model, long_prompt)
+            if vision and subject.mmproj is not None:
+                run.embeddings = _embeddings(model, subject.mmproj, use_gpu=placement.n_gpu_layers != 0)
+        finally:
+            model.close()
+    run.buffers, run.overridden = parse_log(log.getvalue())
+    return run
+
+
+def _speed(model, prompt: list[int]) -> tuple[float, float]:
+    model.reset()
+    started = time.perf_counter()
+    model.decode(prompt)
+    model.logits()  # reading the logits waits for the backend (a GPU returns from llama_decode before it is done)
+    prefill = len(prompt) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        model.decode([int(np.argmax(model.logits()))])
+    return prefill, DECODE_TOKENS / (time.perf_counter() - started)
+
+
+def _embeddings(model, mmproj: Path, *, use_gpu: bool) -> np.ndarray:
+    from PIL import Image
+
+    from smallfour.images import prepare_bytes
+    from smallfour.vision import encode_image, open_projector
+
+    pixels = np.random.default_rng(14).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    projector = open_projector(model, mmproj, use_gpu=use_gpu)
+    try:
+        return encode_image(projector, prepare_bytes("check.png", data.getvalue())).copy()
+    finally:
+        projector.close()
+
+
+def cpu_reference(subject: Subject) -> Run:
+    """`measure` with every GPU hidden, in a child process (`python -m smallfour.gpucheck`)."""
+    with tempfile.TemporaryDirectory(prefix="smallfour-gpucheck-") as scratch:
+        out = Path(scratch) / "run.npz"
+        command = [sys.executable, "-m", "smallfour.gpucheck", str(subject.gguf), str(subject.mmproj or ""), str(out)]
+        done = subprocess.run(command, env={**os.environ, **HIDE_GPUS}, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SmallfourError(f"the CPU reference run of {subject.label} failed: {last}")
+        return load_run(out)
+
+
+def save_run(run: Run, path: Path) -> None:
+    arrays = {"logits": run.logits, "greedy": np.array(run.greedy), "margins": np.array(run.margins)}
+    if run.embeddings is not None:
+        arrays["embeddings"] = run.embeddings
+    meta = {"buffers": run.buffers, "overridden": run.overridden, "prefill_tps": run.prefill_tps,
+            "decode_tps": run.decode_tps}
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_run(path: Path) -> Run:
+    with np.load(path) as saved:
+        meta = json.loads(str(saved["meta"]))
+        return Run(saved["logits"], saved["greedy"].tolist(), saved["margins"].tolist(), meta["buffers"],
+                   meta["overridden"], meta["prefill_tps"], meta["decode_tps"],
+                   saved["embeddings"] if "embeddings" in saved else None)
+
+
+# --- comparing ----------------------------------------------------------------------------------------------------
+
+
+def relative_error(reference: np.ndarray, other: np.ndarray) -> float:
+    """max over rows of max |other − reference| / max |reference| (a row: one position's logits, one embedding)."""
+    scale = np.maximum(np.abs(reference).max(axis=-1), 1e-30)
+    return float((np.abs(other - reference).max(axis=-1) / scale).max())
+
+
+def logits_check(model: str, name: str, reference: Run, run: Run) -> Check:
+    error = relative_error(reference.logits, run.logits)
+    same_argmax = float((reference.logits.argmax(-1) == run.logits.argmax(-1)).mean())
+    return Check(model, name, error <= LOGITS_TOLERANCE,
+                 f"logits vs CPU: max relative error {error:.2e} (≤ {LOGITS_TOLERANCE:g}), argmax agrees at "
+                 f"{same_argmax:.0%} of {len(run.logits)} positions",
+                 {"max_relative_error": error, "argmax_agreement": same_argmax, "tolerance": LOGITS_TOLERANCE})
+
+
+def greedy_check(model: str, name: str, reference: Run, run: Run, against: str = "CPU") -> Check:
+    """Same greedy tokens, or the first difference at a near-tie of the reference (then the texts part ways)."""
+    first = next((i for i, (a, b) in enumerate(zip(reference.greedy, run.greedy)) if a != b), None)
+    ok = first is None or reference.margins[first] < NEAR_TIE
+    detail = (f"greedy tokens equal {against}'s ({len(run.greedy)} tokens)" if first is None else
+              f"greedy tokens differ from {against}'s at token {first} (reference margin "
+              f"{reference.margins[first]:.1e}{' < ' if ok else ' ≥ '}{NEAR_TIE:g}: "
+              f"{'a near-tie' if ok else 'not a tie'})")
+    return Check(model, name, ok, detail, {"first_difference": first})
+
+
+def experts_check(model: str, name: str, gguf: Path, cpu_experts: str, run: Run, gpu_names: list[str]) -> Check:
+    """The tensors `--cpu-experts` names are exactly those moved to the CPU, and the CPU buffers can hold them."""
+    from quant.gguf_io import read_header
+
+    header = read_header(gguf, what="model file")
+    patterns = [re.compile(p) for p, _ in expert_overrides(cpu_experts, int(header.arch_field("block_count")))]
+    expected = {t.name: t.nbytes for t in header.tensors if any(p.search(t.name) for p in patterns)}
+    moved = {t for t, buft in run.overridden.items() if buft.startswith("CPU")}
+    cpu_model = sum(kinds.get("model", 0) for buft, kinds in run.buffers.items() if buft not in gpu_names)
+    ok = bool(expected) and moved == set(expected) and set(run.overridden) == moved \
+        and cpu_model + len(run.buffers) * LOG_ROUNDING >= sum(expected.values())
+    wrong = sorted(moved ^ set(expected))[:3]
+    return Check(model, name, ok, f"{len(moved)} of {len(expected)} expert tensors moved to the CPU; CPU model "
+                 f"buffers {cpu_model / MIB:.1f} MiB ≥ their {sum(expected.values()) / MIB:.1f} MiB"
+                 + (f"; differing: {', '.join(wrong)}" if wrong else ""),
+                 {"expected": len(expected), "moved": len(moved), "cpu_model_bytes": cpu_model,
+                  "expert_bytes": sum(expected.values())})
+
+
+def offload_check(model: str, run: Run, gpu_names: list[str], weights_bytes: int, input_bytes: int) -> Check:
+    """Everything on the GPU(s): their model buffers hold every weight but the token embedding (llama.cpp
+    keeps the input layer on the CPU)."""
+    on_gpu = sum(run.buffers.get(name, {}).get("model", 0) for name in gpu_names)
+    wanted = weights_bytes - input_bytes
+    ok = on_gpu + len(gpu_names) * LOG_ROUNDING >= wanted
+    return Check(model, "all on GPU: placement", ok, f"GPU model buffers {on_gpu / MIB:.1f} MiB of the "
+                 f"{wanted / MIB:.1f} MiB of weights besides the token embedding",
+                 {"gpu_model_bytes": on_gpu, "expected_bytes": wanted})
+
+
+def planner_checks(model: str, plan, run: Run, gpu_names: list[str]) -> list[Check]:
+    """Per planned device: weights against llama.cpp's model buffers, KV against its KV buffer; compute reported."""
+    checks = []
+    for device_plan, buffer_names in zip(plan.devices, [[n] for n in gpu_names[:len(plan.devices) - 1]] + [None]):
+        if buffer_names is None:  # the RAM: every buffer not on a planned GPU (CPU, CPU_Mapped, CUDA_Host, …)
+            buffer_names = [n for n in run.buffers if n not in gpu_names]
+        got = {kind: sum(run.buffers.get(n, {}).get(kind, 0) for n in buffer_names) for kind in ("model", "KV",
+                                                                                                 "compute")}
+        planned_weights = sum(device_plan.weights.values())
+        planned_kv = device_plan.kv_bytes
+        slack = len(buffer_names) * LOG_ROUNDING
+        weights_ok = abs(got["model"] - planned_weights) <= PLANNER_WEIGHTS_TOLERANCE * planned_weights + slack
+        kv_ok = abs(got["KV"] - planned_kv) <= slack
+        planned_compute = device_plan.other.get("compute buffer", 0)
+        checks.append(Check(model, f"planner: {device_plan.device.name}", weights_ok and kv_ok,
+                            f"weights planned {planned_weights / MIB:.1f} MiB, llama.cpp {got['model'] / MIB:.1f}; "
+                            f"KV {planned_kv / MIB:.2f} / {got['KV'] / MIB:.2f} MiB; "
+                            f"compute {planned_compute / MIB:.1f} / {got['compute'] / MIB:.1f} MiB (reported)",
+                            {"planned": {"weights": planned_weights, "kv": planned_kv, "compute": planned_compute},
+                             "llama_cpp": got, "buffers": buffer_names}))
+    return checks
+
+
+def embeddings_check(model: str, reference: Run, run: Run) -> Check:
+    error = relative_error(reference.embeddings, run.embeddings)
+    return Check(model, "vision projector on GPU", error <= EMBEDDING_TOLERANCE,
+                 f"image embeddings vs CPU: max relative error {error:.2e} (≤ {EMBEDDING_TOLERANCE:g}), "
+                 f"{len(run.embeddings)} rows", {"max_relative_error": error, "tolerance": EMBEDDING_TOLERANCE})
+
+
+def speed_check(model: str, reference: Run, run: Run) -> Check:
+    return Check(model, "speed", None, f"prefill {run.prefill_tps:.0f} tok/s on GPU, {reference.prefill_tps:.0f} on "
+                 f"CPU; decode {run.decode_tps:.1f} / {reference.decode_tps:.1f} tok/s",
+                 {"gpu": {"prefill_tps": run.prefill_tps, "decode_tps": run.decode_tps},
+                  "cpu": {"prefill_tps": reference.prefill_tps, "decode_tps": reference.decode_tps}})
+
+
+# --- the whole check ----------------------------------------------------------------------------------------------
+
+
+def check_subject(subject: Subject, gpu_names: list[str], say=lambda text: None) -> list[Check]:
+    """Every check on one model; `gpu_names` are llama.cpp's GPU devices (CUDA0, …) in order."""
+    from smallfour.inventory import model_from_gguf
+    from smallfour.planner import plan_for_load
+
+    info = model_from_gguf(subject.gguf)
+    label = subject.label
+    say(f"{label}: CPU reference (GPUs hidden)")
+    reference = cpu_reference(subject)
+    say(f"{label}: everything on the GPU")
+    full = measure(subject, Placement(), speed=True, vision=True)
+    input_bytes = sum(t.nbytes for t in info.tensors if t.name == "token_embd.weight")
+    checks = [logits_check(label, "all on GPU: logits", reference, full), greedy_check(label, "all on GPU: greedy",
+                                                                                       reference, full),
+              offload_check(label, full, gpu_names, info.weights_bytes, input_bytes)]
+    for cpu_experts in ("all", str(max(1, info.n_layers // 2))):
+        say(f"{label}: --cpu-experts {cpu_experts}")
+        run = measure(subject, Placement(cpu_experts=cpu_experts))
+        checks += [logits_check(label, f"--cpu-experts {cpu_experts}: logits", reference, run),
+                   experts_check(label, f"--cpu-experts {cpu_experts}: tensors on CPU", subject.gguf, cpu_experts,
+                                 run, gpu_names)]
+    say(f"{label}: the planner's layout")
+    plan = plan_for_load(subject.gguf, N_CTX)
+    params = plan.llama_params
+    planned = Placement(n_gpu_layers=params["n_gpu_layers"], cpu_experts=str(params["cpu_experts"] or "none"),
+                        tensor_split=tuple(float(v) for v in params["tensor_split"]) if params["tensor_split"]
+                        else None, flash_attn=params["flash_attn"])
+    checks += planner_checks(label, plan, measure(subject, planned), gpu_names)
+    if len(gpu_names) >= 2:
+        say(f"{label}: row split")
+        row = measure(subject, Placement(split_mode="row"))
+        checks.append(greedy_check(label, "row vs layer split: greedy", full, row, against="layer split's"))
+    else:
+        checks.append(Check(label, "row vs layer split: greedy", None, f"not run: {len(gpu_names)} GPU(s)"))
+    if subject.mmproj is not None:
+        checks.append(embeddings_check(label, reference, full))
+    checks.append(speed_check(label, reference, full))
+    return checks
+
+
+def gpu_names_or_refuse() -> list[str]:
+    """llama.cpp's GPU devices, or `NoGpu` with what this build and machine have."""
+    import llama_cpp
+
+    from smallfour.placement import backend_names, gpu_devices
+
+    gpus = [d.name for d in gpu_devices()]
+    if not gpus or not llama_cpp.llama_supports_gpu_offload():
+        backends = "+".join(backend_names()) or "none"
+        raise NoGpu(f"llama.cpp sees no GPU (backends of this build: {backends}); the GPU self-check needs a "
+                    "GPU build on a GPU machine (smallfour doctor says what to rebuild)")
+    return gpus
+
+
+def default_subjects(say=lambda text: None) -> list[Subject]:
+    """The demo model (with its projector) and a few-hundred-MB fixture, built and converted once (cached)."""
+    from convert.writer import convert_checkpoint
+    from smallfour.fixtures.checkpoint import build_fixture
+    from smallfour.store import mmproj_for
+
+    subjects = []
+    # The demo's GGUF is the one `smallfour demo` converts (same cache); the large one goes beside its checkpoint.
+    for label, spec, name, vision in (("demo", DEMO_SPEC, "demo-q8_0.gguf", True),
+                                      ("fixture-400MB", LARGE_SPEC, "q8_0.gguf", False)):
+        say(f"{label}: building and converting (once; cached)")
+        gguf = build_fixture(spec) / name
+        if not gguf.exists():
+            convert_checkpoint(build_fixture(spec), gguf, "q8_0")
+        subjects.append(Subject(label, gguf, mmproj_for(gguf) if vision else None))
+    return subjects
+
+
+def run_checks(subjects: list[Subject], gpu_names: list[str], say=lambda text: None) -> dict:
+    checks = [c for subject in subjects for c in check_subject(subject, gpu_names, say)]
+    return {"gpus": gpu_names, "passed": not any(c.ok is False for c in checks),
+            "tolerances": {"logits": LOGITS_TOLERANCE, "embeddings": EMBEDDING_TOLERANCE, "near_tie": NEAR_TIE,
+                           "planner_weights": PLANNER_WEIGHTS_TOLERANCE},
+            "checks": [asdict(c) for c in checks]}
+
+
+def write_report(path: Path, report: dict) -> None:
+    """The JSON report, written under a temporary name and renamed (never half a file)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise SmallfourError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _reference_main(arguments: list[str]) -> None:
+    """The CPU reference child: `python -m smallfour.gpucheck GGUF MMPROJ|'' OUT.npz`."""
+    gguf, mmproj, out = arguments
+    subject = Subject("reference", Path(gguf), Path(mmproj) if mmproj else None)
+    save_run(measure(subject, Placement(n_gpu_layers=0), speed=True, vision=True), Path(out))
+
+
+if __name__ == "__main__":
+    _reference_main(sys.argv[1:])
