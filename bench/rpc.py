@@ -157,7 +157,10 @@ def main() -> None:
         "local: `--gpu-layers 0`, the model in this process. Workers: `smallfour worker` on 127.0.0.1, the client "
         "with `--rpc` (all layers on the workers, split by their free memory; only the input embeddings stay in the "
         "client). Load includes sending the weights to the workers. On a real network add one round trip per "
-        "hand-over and token (`smallfour plan --rpc` counts the hand-overs and the bytes).",
+        "hand-over and token (`smallfour plan --rpc` counts the hand-overs and the bytes)." + (
+            f" Here the client and two workers, {threads} threads each, share {os.cpu_count()} cores, so the "
+            "two-worker row measures that contention as much as the protocol; on separate machines each worker "
+            "has its own cores." if 3 * threads > (os.cpu_count() or 1) else ""),
         f"<!-- /{SECTION} -->",
     ])
     bench_convert.write_section(args.output, section, SECTION)
