@@ -103,8 +103,11 @@ def test_interrupted_pull_resumes_from_the_partial_file(hub, env, fixture_files)
     remote = hub.file(REPO, SHARD2)
     partial = repo_dir(env, REPO) / "blobs" / f"{remote.sha256}.incomplete"
     hub.stall(SHARD2, after=25_000_000)
-    process = subprocess.Popen([*SMALLFOUR, "pull", REPO], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    # The stall must outlast the wait for the other files: on a loaded machine that can take longer than
+    # huggingface_hub's 10 s read timeout, after which it resumes on its own and finishes before the Ctrl-C.
+    patient = env | {"HF_HUB_DOWNLOAD_TIMEOUT": "600"}
+    process = subprocess.Popen([*SMALLFOUR, "pull", REPO], env=patient, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         assert hub.stalled.wait(60), "the download never reached the stall"
         deadline = time.monotonic() + 30
