@@ -10,7 +10,7 @@ logits is held at a time. Used by tests and by bench/quant_quality.py (which put
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,11 @@ class Divergence:
     kl_max: float = 0.0
     top1_same: int = 0
     nll_sum: float = 0.0  # of the quantized model on the text's next tokens
+    kl_chunks: list[np.ndarray] = field(default_factory=list)  # per position, for percentiles
+
+    @property
+    def kl_positions(self) -> np.ndarray:
+        return np.concatenate(self.kl_chunks) if self.kl_chunks else np.zeros(0)
 
     @property
     def kl(self) -> float:
@@ -77,6 +82,7 @@ def measure(reference: Path, variants: dict[str, Path], chunks: list[list[int]],
                 r.positions += len(kl)
                 r.kl_sum += float(kl.sum())
                 r.kl_max = max(r.kl_max, float(kl.max()))
+                r.kl_chunks.append(kl)
                 r.top1_same += int((got.argmax(-1) == ref_top).sum())
                 r.nll_sum += float(-got[np.arange(len(targets)), targets].sum())
         for model in models.values():
