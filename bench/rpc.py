@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import platform
 import re
@@ -37,15 +36,9 @@ from smallfour.hardware import physical_cores  # noqa: E402
 from smallfour.rpc import Endpoint, ensure_worker_build, probe  # noqa: E402
 
 
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+import throughput  # noqa: E402 — a sibling script: bench/ is on the path when this one runs
 
-
-bench_convert = _bench_module("convert")
+bench_convert = throughput.bench_convert
 SECTION = "bench/rpc.py"
 SMALLFOUR = [sys.executable, "-m", "smallfour"]
 PROMPT = "Write a long story about a lighthouse keeper and the sea. " * 8
@@ -56,7 +49,7 @@ LOAD = re.compile(r"load:\s+([\d.]+) s")
 
 def fixtures() -> dict[str, FixtureSpec]:
     # bench: the engine benchmark's fixture (bench/throughput.py), big enough that decode is not all overhead.
-    return {"bench": _bench_module("throughput").BENCH_SPEC, "tiny": FixtureSpec()}
+    return {"bench": throughput.BENCH_SPEC, "tiny": FixtureSpec()}
 
 
 def free_port() -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -38,15 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+import throughput  # noqa: E402 — a sibling script: bench/ is on the path when this one runs
 
-
-throughput = _bench_module("throughput")
 bench_convert = throughput.bench_convert
 
 from convert.writer import convert_checkpoint  # noqa: E402
