@@ -6,7 +6,8 @@
 #
 # BUNDLE: a directory written by `smallfour bundle` for this machine's Python (`--python-version`, and
 # `--platform manylinux_2_28_x86_64` when built elsewhere). OUT (default: $OUT, else .cache/gpu-selfcheck):
-# machine.txt, install.log, doctor.txt, gpu-selfcheck.txt and gpu-selfcheck.json, timings.txt.
+# machine.txt, install.log, doctor.txt, gpu-selfcheck.txt and gpu-selfcheck.json, timings.txt, and
+# llama-logs.tar.gz (llama.cpp's log of every run the check made).
 # CUDA_ARCH (default 90: H100/H200) and VENV (default .cache/gpu-selfcheck-venv) may be set. A second run
 # reuses the venv's llama-cpp-python build (install.sh skips it) and the cached fixtures, so a run cut
 # short by a time limit resumes where it stopped. Needs the CUDA toolkit (nvcc) and CMake >= 3.21.
@@ -31,7 +32,9 @@ installed=$(date +%s)
 echo "install (llama-cpp-python for sm_$CUDA_ARCH, or reused): $((installed - started)) s" | tee "$OUT/timings.txt"
 "$VENV/bin/smallfour" doctor > "$OUT/doctor.txt" 2>&1 || true
 status=0
-"$VENV/bin/smallfour" doctor --check-gpu -o "$OUT/gpu-selfcheck.json" 2>&1 | tee "$OUT/gpu-selfcheck.txt" \
-  || status=${PIPESTATUS[0]}
+LOGS="$(mktemp -d)/llama-logs"
+"$VENV/bin/smallfour" doctor --check-gpu -o "$OUT/gpu-selfcheck.json" --logs "$LOGS" 2>&1 \
+  | tee "$OUT/gpu-selfcheck.txt" || status=${PIPESTATUS[0]}
+[ -d "$LOGS" ] && tar czf "$OUT/llama-logs.tar.gz" -C "$(dirname "$LOGS")" llama-logs
 echo "self-check: $(($(date +%s) - installed)) s, exit $status" | tee -a "$OUT/timings.txt"
 exit "$status"

@@ -443,7 +443,18 @@ if [ "$ACTIVE" = 1 ]; then
 else
   if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV"
-    if [ "$SYSTEM_SITE" = 1 ]; then "$PYTHON" -m venv --system-site-packages "$VENV"; else "$PYTHON" -m venv "$VENV"; fi
+    if [ "$SYSTEM_SITE" = 1 ]; then
+      "$PYTHON" -m venv --system-site-packages "$VENV"
+      # A PYTHON that is itself a venv: the new venv would see the interpreter's base install, not
+      # the packages the bundle left out because PYTHON has them; a .pth file adds PYTHON's own site-packages.
+      parent="$("$PYTHON" -c 'import sys, sysconfig
+if sys.prefix != sys.base_prefix: print(*dict.fromkeys(sysconfig.get_path(k) for k in ("purelib", "platlib")), sep="\n")')"
+      if [ -n "$parent" ]; then
+        printf '%s\n' "$parent" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_smallfour_parent_env.pth"
+      fi
+    else
+      "$PYTHON" -m venv "$VENV"
+    fi
   fi
   PY="$VENV/bin/python"
 fi

@@ -12,12 +12,17 @@ compares each with a CPU reference:
 - the planner's layout: per device, the weight and KV bytes it planned equal the model and KV
   buffers llama.cpp's log reports (compute buffers reported beside them);
 - with two GPUs or more, layer and row split give the same greedy tokens;
+- flash attention: whether llama.cpp's auto mode keeps it on for the GPU (judged for the fixture
+  with Mistral Small 4's attention shape: 32 heads, K 320 and V 256 wide after MLA's absorption,
+  a kernel llama.cpp's CUDA backend builds for this model alone), and the logits with it forced on;
 - the vision projector on the GPU gives the CPU's image embeddings within `EMBEDDING_TOLERANCE`;
 - prefill and decode tokens/s, GPU and CPU (reported, not judged: a tiny model can decode
   faster on the CPU).
 
-Every check is a `Check`; the command passes only if none failed. The comparisons are plain
-functions of two `Run`s, so a CPU-only machine tests them on CPU-against-CPU runs.
+Every load runs in a child process (`python -m smallfour.gpucheck`), so a llama.cpp abort or hang
+in one becomes that step's failed check and the others still run. Every check is a `Check`; the
+command passes only if none failed. The comparisons are plain functions of two `Run`s, so a
+CPU-only machine tests them on CPU-against-CPU runs.
 """
 
 from __future__ import annotations
@@ -55,15 +60,23 @@ PROMPT_TOKENS = 24  # below 32: the CPU reference would not offload these batche
 SPEED_PROMPT_TOKENS = 512
 DECODE_TOKENS = 48
 N_CTX = 2048
-# The second model: 131072 × 1024 token embedding and output head (2 × 143 MB at q8_0) and 4 layers of 16
-# experts (≈ 107 MB): about 400 MB, enough that every kernel runs at a real size.
-LARGE_SPEC = FixtureSpec(layout="native", hidden_size=1024, n_layers=4, n_heads=8, q_lora_rank=256, kv_lora_rank=128,
+# The second model: 131072 × 1024 token embedding and output head (2 × 143 MB at q8_0), 4 layers of 16
+# experts (≈ 107 MB) and Mistral Small 4's attention (32 heads, q_lora 1024, kv_lora 256, rope 64, nope 64,
+# v 128: ≈ 47 MB): about 450 MB, enough that every kernel runs at a real size, and the real model's
+# flash-attention kernel (K 320, V 256, 32 query heads per KV head).
+LARGE_SPEC = FixtureSpec(layout="native", hidden_size=1024, n_layers=4, n_heads=32, q_lora_rank=1024,
+                         kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=128,
                          expert_ff=512, dense_ff=2048)
+# One load and its measurements take seconds; a child still running after this is hung.
+CHILD_TIMEOUT = 600
 HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": "", "ROCR_VISIBLE_DEVICES": "",
              "GGML_VK_VISIBLE_DEVICES": ""}
 
 BUFFER_LINE = re.compile(r"(\S+) (model|KV|compute) buffer size =\s*([\d.]+) MiB")
 OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+# flash attention in llama.cpp's auto mode: kept on, or off because a device lacks the kernel
+AUTO_FLASH = re.compile(r"Flash Attention (enabled|not supported, set to disabled)")
+FLASH_MISMATCH = re.compile(r"layer \d+ is assigned to device (\S+) but Flash Attention is assigned to device (\S+)")
 
 
 class NoGpu(SmallfourError):
@@ -91,15 +104,18 @@ class Run:
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
     embeddings: np.ndarray | None = None
+    log: str = ""  # llama.cpp's log of the load and the run
 
 
 @dataclass(frozen=True)
 class Subject:
-    """A model to check: its GGUF, its projector (or None), a label."""
+    """A model to check: its GGUF, its projector (or None), a label; `real_attention`: the GGUF has Mistral
+    Small 4's attention shape, so the GPU must run its flash attention."""
 
     label: str
     gguf: Path
     mmproj: Path | None = None
+    real_attention: bool = False
 
 
 # --- measuring --------------------------------------------------------------------------------------------------
@@ -122,12 +138,14 @@ def parse_log(log: str) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
     return buffers, dict(OVERRIDDEN.findall(log))
 
 
-def measure(subject: Subject, placement: Placement, *, speed: bool = False, vision: bool = False) -> Run:
-    """Load `subject` as `placement` says and measure it; llama.cpp's log is captured, not shown."""
+def measure(subject: Subject, placement: Placement, *, speed: bool = False, vision: bool = False,
+            capture_log: bool = True) -> Run:
+    """Load `subject` as `placement` says and measure it; llama.cpp's log is captured into the run (or, with
+    `capture_log` off, left on stderr for a parent process to read, even after an abort)."""
     from smallfour.model import Model
 
     log = io.StringIO()
-    with contextlib.redirect_stderr(log):
+    with contextlib.redirect_stderr(log) if capture_log else contextlib.nullcontext():
         model = Model.load(subject.gguf, n_ctx=N_CTX, placement=placement, verbose=True)
         try:
             prompt, long_prompt = prompts(model.n_vocab)
@@ -148,7 +166,8 @@ def measure(subject: Subject, placement: Placement, *, speed: bool = False, visi
                 run.embeddings = _embeddings(model, subject.mmproj, use_gpu=placement.n_gpu_layers != 0)
         finally:
             model.close()
-    run.buffers, run.overridden = parse_log(log.getvalue())
+    run.log = log.getvalue()
+    run.buffers, run.overridden = parse_log(run.log)
     return run
 
 
@@ -180,16 +199,35 @@ def _embeddings(model, mmproj: Path, *, use_gpu: bool) -> np.ndarray:
         projector.close()
 
 
-def cpu_reference(subject: Subject) -> Run:
-    """`measure` with every GPU hidden, in a child process (`python -m smallfour.gpucheck`)."""
+def measure_in_child(subject: Subject, placement: Placement, *, speed: bool = False, vision: bool = False,
+                     hide_gpus: bool = False) -> Run:
+    """`measure` in a child process (`python -m smallfour.gpucheck`): an abort or a hang fails this run alone.
+    `hide_gpus`: the CPU reference, with every GPU hidden from the child."""
     with tempfile.TemporaryDirectory(prefix="smallfour-gpucheck-") as scratch:
         out = Path(scratch) / "run.npz"
-        command = [sys.executable, "-m", "smallfour.gpucheck", str(subject.gguf), str(subject.mmproj or ""), str(out)]
-        done = subprocess.run(command, env={**os.environ, **HIDE_GPUS}, capture_output=True, text=True)
+        command = [sys.executable, "-m", "smallfour.gpucheck", str(subject.gguf), str(subject.mmproj or ""), str(out),
+                   json.dumps(asdict(placement)), json.dumps({"speed": speed, "vision": vision})]
+        env = {**os.environ, **HIDE_GPUS} if hide_gpus else None
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise RunFailed(f"no result after {CHILD_TIMEOUT} s (hung; the child was killed)") from None
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SmallfourError(f"the CPU reference run of {subject.label} failed: {last}")
-        return load_run(out)
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["no output"]
+            how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+            raise RunFailed(f"the run failed ({how}): {lines[-1].strip()}", done.stderr)
+        run = load_run(out)
+    run.log = done.stderr
+    run.buffers, run.overridden = parse_log(run.log)
+    return run
+
+
+class RunFailed(SmallfourError):
+    """A measured run that did not finish; `log` is what its process wrote (llama.cpp's log, an abort's message)."""
+
+    def __init__(self, message: str, log: str = ""):
+        super().__init__(message)
+        self.log = log
 
 
 def save_run(run: Run, path: Path) -> None:
@@ -298,8 +336,8 @@ def embeddings_check(model: str, reference: Run, run: Run) -> Check:
                  f"{len(run.embeddings)} rows", {"max_relative_error": error, "tolerance": EMBEDDING_TOLERANCE})
 
 
-def speed_check(model: str, reference: Run, run: Run) -> Check:
-    return Check(model, "speed", None, f"prefill {run.prefill_tps:.0f} tok/s on GPU, {reference.prefill_tps:.0f} on "
+def speed_check(model: str, reference: Run, run: Run, name: str = "speed") -> Check:
+    return Check(model, name, None, f"prefill {run.prefill_tps:.0f} tok/s on GPU, {reference.prefill_tps:.0f} on "
                  f"CPU; decode {run.decode_tps:.1f} / {reference.decode_tps:.1f} tok/s",
                  {"gpu": {"prefill_tps": run.prefill_tps, "decode_tps": run.decode_tps},
                   "cpu": {"prefill_tps": reference.prefill_tps, "decode_tps": reference.decode_tps}})
@@ -308,43 +346,107 @@ def speed_check(model: str, reference: Run, run: Run) -> Check:
 # --- the whole check ----------------------------------------------------------------------------------------------
 
 
-def check_subject(subject: Subject, gpu_names: list[str], say=lambda text: None) -> list[Check]:
-    """Every check on one model; `gpu_names` are llama.cpp's GPU devices (CUDA0, …) in order."""
+def flash_check(model: str, run: Run, judged: bool) -> Check:
+    """What llama.cpp's auto mode chose for flash attention; `judged`: the model has the real attention shape,
+    which the GPU backend must run (else a shape without a GPU kernel is reported, not judged)."""
+    chose = AUTO_FLASH.findall(run.log)
+    mismatch = FLASH_MISMATCH.search(run.log)
+    on = chose == ["enabled"]
+    detail = ("auto: on (the attention of every layer runs on that layer's device)" if on else
+              f"auto: off ({f'flash attention falls to {mismatch[2]} beside layers on {mismatch[1]}' if mismatch else 'no kernel for this shape'})"
+              if chose else "llama.cpp's log does not say what auto flash attention chose")
+    return Check(model, "flash attention: auto", on if judged else None, detail, {"chose": chose})
+
+
+def check_subject(subject: Subject, gpu_names: list[str], say=lambda text: None, log_dir: Path | None = None
+                  ) -> list[Check]:
+    """Every check on one model; `gpu_names` are llama.cpp's GPU devices (CUDA0, …) in order. A step whose run
+    fails (or whose comparison breaks) is a failed check and the next step runs; `log_dir` keeps each run's log."""
     from smallfour.inventory import model_from_gguf
     from smallfour.planner import plan_for_load
 
-    info = model_from_gguf(subject.gguf)
     label = subject.label
-    say(f"{label}: CPU reference (GPUs hidden)")
-    reference = cpu_reference(subject)
-    say(f"{label}: everything on the GPU")
-    full = measure(subject, Placement(), speed=True, vision=True)
-    input_bytes = sum(t.nbytes for t in info.tensors if t.name == "token_embd.weight")
-    checks = [logits_check(label, "all on GPU: logits", reference, full), greedy_check(label, "all on GPU: greedy",
-                                                                                       reference, full),
-              offload_check(label, full, gpu_names, info.weights_bytes, input_bytes)]
+    checks: list[Check] = []
+
+    def run(step: str, placement: Placement, **options) -> Run | None:
+        say(f"{label}: {step}")
+        try:
+            result = measure_in_child(subject, placement, **options)
+        except RunFailed as exc:
+            checks.append(Check(label, f"{step}: run", False, str(exc)))
+            log = exc.log
+            result = None
+        else:
+            log = result.log
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / f"{label}--{re.sub(r'[^A-Za-z0-9]+', '-', step).strip('-')}.log").write_text(log)
+        return result
+
+    @contextlib.contextmanager
+    def step(name: str):
+        try:
+            yield
+        except Exception as exc:  # a broken step is that step's failure; the others still say what they found
+            checks.append(Check(label, name, False, f"{type(exc).__name__}: {exc}"))
+
+    info = None
+    with step("reading the GGUF"):
+        info = model_from_gguf(subject.gguf)
+    if info is None:
+        return checks
+    reference = run("CPU reference (GPUs hidden)", Placement(n_gpu_layers=0), speed=True, vision=True, hide_gpus=True)
+    full = run("everything on the GPU", Placement(), speed=True, vision=True)
+    with step("all on GPU"):
+        if full is not None:
+            if reference is not None:
+                checks += [logits_check(label, "all on GPU: logits", reference, full),
+                           greedy_check(label, "all on GPU: greedy", reference, full)]
+            input_bytes = sum(t.nbytes for t in info.tensors if t.name == "token_embd.weight")
+            checks.append(offload_check(label, full, gpu_names, info.weights_bytes, input_bytes))
     for cpu_experts in ("all", str(max(1, info.n_layers // 2))):
-        say(f"{label}: --cpu-experts {cpu_experts}")
-        run = measure(subject, Placement(cpu_experts=cpu_experts))
-        checks += [logits_check(label, f"--cpu-experts {cpu_experts}: logits", reference, run),
-                   experts_check(label, f"--cpu-experts {cpu_experts}: tensors on CPU", subject.gguf, cpu_experts,
-                                 run, gpu_names)]
-    say(f"{label}: the planner's layout")
-    plan = plan_for_load(subject.gguf, N_CTX)
-    params = plan.llama_params
-    planned = Placement(n_gpu_layers=params["n_gpu_layers"], cpu_experts=str(params["cpu_experts"] or "none"),
-                        tensor_split=tuple(float(v) for v in params["tensor_split"]) if params["tensor_split"]
-                        else None, flash_attn=params["flash_attn"])
-    checks += planner_checks(label, plan, measure(subject, planned), gpu_names)
+        moved = run(f"--cpu-experts {cpu_experts}", Placement(cpu_experts=cpu_experts))
+        with step(f"--cpu-experts {cpu_experts}"):
+            if moved is not None:
+                if reference is not None:
+                    checks.append(logits_check(label, f"--cpu-experts {cpu_experts}: logits", reference, moved))
+                checks.append(experts_check(label, f"--cpu-experts {cpu_experts}: tensors on CPU", subject.gguf,
+                                            cpu_experts, moved, gpu_names))
+    with step("planner"):
+        plan = plan_for_load(subject.gguf, N_CTX)
+        params = plan.llama_params
+        planned = Placement(n_gpu_layers=params["n_gpu_layers"], cpu_experts=str(params["cpu_experts"] or "none"),
+                            tensor_split=tuple(float(v) for v in params["tensor_split"]) if params["tensor_split"]
+                            else None, flash_attn=params["flash_attn"])
+        laid_out = run("the planner's layout", planned)
+        if laid_out is not None:
+            checks += planner_checks(label, plan, laid_out, gpu_names)
+    auto = run("flash attention: auto", Placement(flash_attn=None))
+    with step("flash attention: auto"):
+        if auto is not None:
+            checks.append(flash_check(label, auto, subject.real_attention))
+    # Flash attention rounds K, V and the scores through f16 where the exact path does not: its reference is
+    # the CPU's flash attention.
+    flash_reference = run("CPU reference with flash attention (GPUs hidden)", Placement(n_gpu_layers=0, flash_attn=True),
+                          speed=True, hide_gpus=True)
+    flash = run("flash attention on", Placement(flash_attn=True), speed=True)
+    with step("flash attention on"):
+        if flash is not None and flash_reference is not None:
+            checks += [logits_check(label, "flash attention on: logits", flash_reference, flash),
+                       greedy_check(label, "flash attention on: greedy", flash_reference, flash),
+                       speed_check(label, flash_reference, flash, "speed, flash attention on")]
     if len(gpu_names) >= 2:
-        say(f"{label}: row split")
-        row = measure(subject, Placement(split_mode="row"))
-        checks.append(greedy_check(label, "row vs layer split: greedy", full, row, against="layer split's"))
+        row = run("row split", Placement(split_mode="row"))
+        with step("row vs layer split"):
+            if row is not None and full is not None:
+                checks.append(greedy_check(label, "row vs layer split: greedy", full, row, against="layer split's"))
     else:
         checks.append(Check(label, "row vs layer split: greedy", None, f"not run: {len(gpu_names)} GPU(s)"))
-    if subject.mmproj is not None:
-        checks.append(embeddings_check(label, reference, full))
-    checks.append(speed_check(label, reference, full))
+    with step("vision and speed"):
+        if full is not None and reference is not None:
+            if subject.mmproj is not None:
+                checks.append(embeddings_check(label, reference, full))
+            checks.append(speed_check(label, reference, full))
     return checks
 
 
@@ -376,16 +478,25 @@ def default_subjects(say=lambda text: None) -> list[Subject]:
         gguf = build_fixture(spec) / name
         if not gguf.exists():
             convert_checkpoint(build_fixture(spec), gguf, "q8_0")
-        subjects.append(Subject(label, gguf, mmproj_for(gguf) if vision else None))
+        subjects.append(Subject(label, gguf, mmproj_for(gguf) if vision else None, real_attention=spec is LARGE_SPEC))
     return subjects
 
 
-def run_checks(subjects: list[Subject], gpu_names: list[str], say=lambda text: None) -> dict:
-    checks = [c for subject in subjects for c in check_subject(subject, gpu_names, say)]
-    return {"gpus": gpu_names, "passed": not any(c.ok is False for c in checks),
-            "tolerances": {"logits": LOGITS_TOLERANCE, "embeddings": EMBEDDING_TOLERANCE, "near_tie": NEAR_TIE,
-                           "planner_weights": PLANNER_WEIGHTS_TOLERANCE},
-            "checks": [asdict(c) for c in checks]}
+def run_checks(subjects: list[Subject], gpu_names: list[str], say=lambda text: None, log_dir: Path | None = None,
+               report_path: Path | None = None) -> dict:
+    """Every check on every subject; `report_path` gets the report so far after each subject (`complete`
+    false until the last), so a check cut short still leaves what it found."""
+    checks: list[Check] = []
+    for done, subject in enumerate(subjects, 1):
+        checks += check_subject(subject, gpu_names, say, log_dir)
+        report = {"gpus": gpu_names, "passed": not any(c.ok is False for c in checks),
+                  "complete": done == len(subjects),
+                  "tolerances": {"logits": LOGITS_TOLERANCE, "embeddings": EMBEDDING_TOLERANCE, "near_tie": NEAR_TIE,
+                                 "planner_weights": PLANNER_WEIGHTS_TOLERANCE},
+                  "checks": [asdict(c) for c in checks]}
+        if report_path is not None:
+            write_report(report_path, report)
+    return report
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -400,12 +511,15 @@ def write_report(path: Path, report: dict) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _reference_main(arguments: list[str]) -> None:
-    """The CPU reference child: `python -m smallfour.gpucheck GGUF MMPROJ|'' OUT.npz`."""
-    gguf, mmproj, out = arguments
-    subject = Subject("reference", Path(gguf), Path(mmproj) if mmproj else None)
-    save_run(measure(subject, Placement(n_gpu_layers=0), speed=True, vision=True), Path(out))
+def _child_main(arguments: list[str]) -> None:
+    """`python -m smallfour.gpucheck GGUF MMPROJ|'' OUT.npz PLACEMENT_JSON OPTIONS_JSON`: one measured run."""
+    gguf, mmproj, out, placement, options = arguments
+    fields = json.loads(placement)
+    fields["tensor_split"] = tuple(fields["tensor_split"]) if fields["tensor_split"] is not None else None
+    fields["overrides"] = tuple(tuple(o) for o in fields["overrides"])
+    subject = Subject("child", Path(gguf), Path(mmproj) if mmproj else None)
+    save_run(measure(subject, Placement(**fields), **json.loads(options), capture_log=False), Path(out))
 
 
 if __name__ == "__main__":
-    _reference_main(sys.argv[1:])
+    _child_main(sys.argv[1:])

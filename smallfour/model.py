@@ -203,7 +203,8 @@ class Model:
         cparams.n_threads = n_threads or decode_threads
         cparams.n_threads_batch = n_threads_batch or n_threads or batch_threads
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if placement.flash_attn
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if placement.flash_attn is None
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if placement.flash_attn
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.no_perf = True
         if eval_callback is not None:

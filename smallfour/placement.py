@@ -40,7 +40,7 @@ class Placement:
     # (llama.cpp's `--n-cpu-moe` convention).
     cpu_experts: str = "none"
     overrides: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    flash_attn: bool = False
+    flash_attn: bool | None = False  # None: llama.cpp's auto (on where every device supports it)
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -141,3 +141,32 @@ def test_planner_bytes_off_by_more_than_the_tolerance_fail(demo_subject):
     checks = gpucheck.planner_checks("m", planned, _run(np.zeros((1, 2)), buffers=off), ["CUDA0"])
     assert [c.ok for c in checks] == [False, True]
 
+
+
+def test_auto_flash_attention_read_from_the_log():
+    on = _run(np.zeros((1, 2)), log="llama_context: flash_attn = auto\nresolve_fused_ops: Flash Attention enabled\n")
+    off = _run(np.zeros((1, 2)), log="resolve_fused_ops: layer 0 is assigned to device CUDA0 but Flash Attention is "
+               "assigned to device CPU (usually due to missing support)\n"
+               "resolve_fused_ops: Flash Attention not supported, set to disabled\n")
+    assert gpucheck.flash_check("m", on, judged=True).ok is True
+    refused = gpucheck.flash_check("m", off, judged=True)
+    assert refused.ok is False and "falls to CPU beside layers on CUDA0" in refused.detail
+    assert gpucheck.flash_check("m", off, judged=False).ok is None  # a shape without a GPU kernel: reported
+    assert gpucheck.flash_check("m", _run(np.zeros((1, 2)), log=""), judged=True).ok is False
+
+
+def test_a_step_whose_run_fails_is_a_failed_check_and_the_rest_still_run(demo_subject, tmp_path):
+    broken = tmp_path / "mmproj.gguf"
+    broken.write_text("not a projector")
+    checks = gpucheck.check_subject(Subject("demo", demo_subject.gguf, broken), [], log_dir=tmp_path / "logs")
+    failed = {c.name: c.detail for c in checks if c.ok is False}
+    # The two runs that read the projector fail, each in one line; what needs neither of them is still checked.
+    assert {"CPU reference (GPUs hidden): run", "everything on the GPU: run"} <= set(failed), failed
+    assert all(detail.startswith("the run failed (exit 1): ") and "\n" not in detail
+               for name, detail in failed.items() if name.endswith(": run"))
+    passed = {c.name for c in checks if c.ok}
+    assert {"--cpu-experts all: tensors on CPU", "flash attention on: logits", "flash attention on: greedy"} <= passed
+    assert next(c for c in checks if c.name == "flash attention: auto").detail.startswith("auto: on")
+    logs = {p.name for p in (tmp_path / "logs").iterdir()}
+    assert "demo--CPU-reference-GPUs-hidden.log" in logs and "demo--flash-attention-on.log" in logs
+    assert "Traceback" in (tmp_path / "logs" / "demo--CPU-reference-GPUs-hidden.log").read_text()

@@ -29,16 +29,18 @@ def doctor(
                                                                 "exit 0 only if every check holds.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="With --check-gpu: also write the "
                                                                           "results as JSON to FILE.")] = None,
+    logs: Annotated[Optional[Path], typer.Option("--logs", help="With --check-gpu: keep llama.cpp's log of every "
+                                                               "run (one file per model and step) in DIR.")] = None,
 ) -> None:
     """Check this install: llama.cpp backend (CPU/CUDA/Metal/Vulkan), GPUs, RAM, disk, versions — and what to fix."""
     from smallfour.doctor import collect
     from smallfour.store import human_bytes
 
     if check_gpu:
-        _check_gpu(as_json, output)
+        _check_gpu(as_json, output, logs)
         return
-    if output is not None:
-        raise typer.BadParameter("--output goes with --check-gpu", param_hint="--output")
+    if output is not None or logs is not None:
+        raise typer.BadParameter("goes with --check-gpu", param_hint="--output" if output is not None else "--logs")
     report = collect(scan)
     failed = any(f["level"] == "fail" for f in report["findings"])
     if as_json:
@@ -94,9 +96,9 @@ def gpu_table(report: dict) -> Table:
     return table
 
 
-def _check_gpu(as_json: bool, output: Path | None) -> None:
+def _check_gpu(as_json: bool, output: Path | None, logs: Path | None) -> None:
     """`doctor --check-gpu`: the table (or JSON on stdout), the JSON file, exit 1 if any check failed."""
-    from smallfour.gpucheck import default_subjects, gpu_names_or_refuse, run_checks, write_report
+    from smallfour.gpucheck import default_subjects, gpu_names_or_refuse, run_checks
 
     gpus = gpu_names_or_refuse()
 
@@ -104,9 +106,7 @@ def _check_gpu(as_json: bool, output: Path | None) -> None:
         err((f"{time.perf_counter() - started:6.1f} s ", "dim"), text)
 
     started = time.perf_counter()
-    report = run_checks(default_subjects(say), gpus, say)
-    if output is not None:
-        write_report(output, report)
+    report = run_checks(default_subjects(say), gpus, say, logs, output)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
