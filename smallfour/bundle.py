@@ -475,6 +475,11 @@ else
   echo "$WANT" > "$MARK"
 fi
 echo "installing smallfour"
+if [ "$ACTIVE" = 0 ]; then
+  # The venv takes the bundle's version of every package the bundle carries, also where PYTHON's own packages
+  # would satisfy a requirement: what was resolved together is what runs (PYTHON fills only what was left out).
+  "${PIP[@]}" --no-deps "$HERE"/wheels/*.whl
+fi
 "${PIP[@]}" --force-reinstall --no-deps "$HERE/wheels/@WHEEL@"
 "${PIP[@]}" "$HERE/wheels/@WHEEL@"
 "$PY" -c 'import llama_cpp, smallfour.model'  # the library loads and llama.cpp's shared library with it

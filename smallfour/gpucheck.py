@@ -3,9 +3,10 @@
 For each model (the demo and a few-hundred-MB fixture) it loads the GGUF several ways and
 compares each with a CPU reference:
 
-- the CPU reference runs in a child process with every GPU hidden (CUDA/HIP/Vulkan visible
-  devices set empty), so nothing in it can run on a GPU, not even llama.cpp's offload of large
-  CPU-side batches;
+- the CPU reference keeps every layer on the CPU and llama.cpp's op offload off (large CPU-side
+  batches would otherwise run on a GPU), and is checked to hold no weights or KV on a GPU. (Hiding
+  the GPUs instead, CUDA_VISIBLE_DEVICES="", makes a CUDA build of llama.cpp 0.3.36 abort at context
+  creation: seen on an H200);
 - everything on the GPU(s), then `--cpu-experts all` and `--cpu-experts N`: the logits of a
   fixed prompt equal the CPU's within `LOGITS_TOLERANCE`, and the routed-expert tensors the
   overrides name are exactly those llama.cpp's log says it moved to the CPU;
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,11 @@ from smallfour.errors import SmallfourError
 from smallfour.fixtures.checkpoint import DEMO_SPEC, FixtureSpec
 from smallfour.placement import Placement, expert_overrides
 
-# max |GPU − CPU| / max |CPU| over each position's logits: q8_0 GEMMs on the GPU quantize activations
-# and accumulate in another order than the CPU's; 2 % of the logit range keeps every non-tied argmax.
-LOGITS_TOLERANCE = 0.02
+# max |GPU − CPU| / max |CPU| over each position's logits. Measured on an H200 (q8_0, 24 positions of random-weight
+# fixtures): 3.1 % (demo) and 5.1 % (Mistral Small 4's attention shape) all on GPU, 5.5 / 6.3 % with the experts on
+# the CPU, 5.9 / 7.9 % with flash attention against the CPU's; the CPU's own flash against exact attention: 2.9 %
+# (demo). The GPU's q8_1 activations and its summation order; the greedy check is the sharper test.
+LOGITS_TOLERANCE = 0.10
 # the same measure over an image's embedding rows
 EMBEDDING_TOLERANCE = 0.02
 # a greedy token may differ only where the reference's top two logits are this close (fraction of the range)
@@ -67,10 +70,10 @@ N_CTX = 2048
 LARGE_SPEC = FixtureSpec(layout="native", hidden_size=1024, n_layers=4, n_heads=32, q_lora_rank=1024,
                          kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=128,
                          expert_ff=512, dense_ff=2048)
+# The CPU reference: no layer on a GPU and no op offload (see the module's docstring).
+ON_CPU = Placement(n_gpu_layers=0, op_offload=False)
 # One load and its measurements take seconds; a child still running after this is hung.
 CHILD_TIMEOUT = 600
-HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": "", "ROCR_VISIBLE_DEVICES": "",
-             "GGML_VK_VISIBLE_DEVICES": ""}
 
 BUFFER_LINE = re.compile(r"(\S+) (model|KV|compute) buffer size =\s*([\d.]+) MiB")
 OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
@@ -199,17 +202,14 @@ def _embeddings(model, mmproj: Path, *, use_gpu: bool) -> np.ndarray:
         projector.close()
 
 
-def measure_in_child(subject: Subject, placement: Placement, *, speed: bool = False, vision: bool = False,
-                     hide_gpus: bool = False) -> Run:
-    """`measure` in a child process (`python -m smallfour.gpucheck`): an abort or a hang fails this run alone.
-    `hide_gpus`: the CPU reference, with every GPU hidden from the child."""
+def measure_in_child(subject: Subject, placement: Placement, *, speed: bool = False, vision: bool = False) -> Run:
+    """`measure` in a child process (`python -m smallfour.gpucheck`): an abort or a hang fails this run alone."""
     with tempfile.TemporaryDirectory(prefix="smallfour-gpucheck-") as scratch:
         out = Path(scratch) / "run.npz"
         command = [sys.executable, "-m", "smallfour.gpucheck", str(subject.gguf), str(subject.mmproj or ""), str(out),
                    json.dumps(asdict(placement)), json.dumps({"speed": speed, "vision": vision})]
-        env = {**os.environ, **HIDE_GPUS} if hide_gpus else None
         try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise RunFailed(f"no result after {CHILD_TIMEOUT} s (hung; the child was killed)") from None
         if done.returncode != 0:
@@ -283,7 +283,8 @@ def experts_check(model: str, name: str, gguf: Path, cpu_experts: str, run: Run,
     header = read_header(gguf, what="model file")
     patterns = [re.compile(p) for p, _ in expert_overrides(cpu_experts, int(header.arch_field("block_count")))]
     expected = {t.name: t.nbytes for t in header.tensors if any(p.search(t.name) for p in patterns)}
-    moved = {t for t, buft in run.overridden.items() if buft.startswith("CPU")}
+    # host memory: CPU, or with a GPU present its pinned host buffers (CUDA_Host), which llama.cpp picks for "CPU"
+    moved = {t for t, buft in run.overridden.items() if buft not in gpu_names}
     cpu_model = sum(kinds.get("model", 0) for buft, kinds in run.buffers.items() if buft not in gpu_names)
     ok = bool(expected) and moved == set(expected) and set(run.overridden) == moved \
         and cpu_model + len(run.buffers) * LOG_ROUNDING >= sum(expected.values())
@@ -293,6 +294,16 @@ def experts_check(model: str, name: str, gguf: Path, cpu_experts: str, run: Run,
                  + (f"; differing: {', '.join(wrong)}" if wrong else ""),
                  {"expected": len(expected), "moved": len(moved), "cpu_model_bytes": cpu_model,
                   "expert_bytes": sum(expected.values())})
+
+
+def cpu_only_check(model: str, name: str, run: Run, gpu_names: list[str]) -> Check:
+    """No weights and no KV cache on a GPU (compute buffers may be: llama.cpp keeps one per backend)."""
+    on_gpu = {n: {k: v for k, v in run.buffers.get(n, {}).items() if k in ("model", "KV") and v}
+              for n in gpu_names}
+    on_gpu = {n: kinds for n, kinds in on_gpu.items() if kinds}
+    return Check(model, name, not on_gpu, "no weights or KV cache on a GPU" if not on_gpu else
+                 "on a GPU: " + "; ".join(f"{n} {k} {v / MIB:.1f} MiB" for n, kinds in on_gpu.items()
+                                          for k, v in kinds.items()), {"on_gpu": on_gpu})
 
 
 def offload_check(model: str, run: Run, gpu_names: list[str], weights_bytes: int, input_bytes: int) -> Check:
@@ -395,7 +406,10 @@ def check_subject(subject: Subject, gpu_names: list[str], say=lambda text: None,
         info = model_from_gguf(subject.gguf)
     if info is None:
         return checks
-    reference = run("CPU reference (GPUs hidden)", Placement(n_gpu_layers=0), speed=True, vision=True, hide_gpus=True)
+    reference = run("CPU reference", ON_CPU, speed=True, vision=True)
+    with step("CPU reference: on the CPU"):
+        if reference is not None:
+            checks.append(cpu_only_check(label, "CPU reference: on the CPU", reference, gpu_names))
     full = run("everything on the GPU", Placement(), speed=True, vision=True)
     with step("all on GPU"):
         if full is not None:
@@ -427,8 +441,7 @@ def check_subject(subject: Subject, gpu_names: list[str], say=lambda text: None,
             checks.append(flash_check(label, auto, subject.real_attention))
     # Flash attention rounds K, V and the scores through f16 where the exact path does not: its reference is
     # the CPU's flash attention.
-    flash_reference = run("CPU reference with flash attention (GPUs hidden)", Placement(n_gpu_layers=0, flash_attn=True),
-                          speed=True, hide_gpus=True)
+    flash_reference = run("CPU reference with flash attention", replace(ON_CPU, flash_attn=True), speed=True)
     flash = run("flash attention on", Placement(flash_attn=True), speed=True)
     with step("flash attention on"):
         if flash is not None and flash_reference is not None:
@@ -473,7 +486,7 @@ def default_subjects(say=lambda text: None) -> list[Subject]:
     subjects = []
     # The demo's GGUF is the one `smallfour demo` converts (same cache); the large one goes beside its checkpoint.
     for label, spec, name, vision in (("demo", DEMO_SPEC, "demo-q8_0.gguf", True),
-                                      ("fixture-400MB", LARGE_SPEC, "q8_0.gguf", False)):
+                                      ("fixture-450MB", LARGE_SPEC, "q8_0.gguf", False)):
         say(f"{label}: building and converting (once; cached)")
         gguf = build_fixture(spec) / name
         if not gguf.exists():

@@ -206,6 +206,7 @@ class Model:
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if placement.flash_attn is None
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if placement.flash_attn
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.op_offload = placement.op_offload
         cparams.no_perf = True
         if eval_callback is not None:
             cparams.cb_eval = eval_callback

@@ -41,6 +41,9 @@ class Placement:
     cpu_experts: str = "none"
     overrides: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     flash_attn: bool | None = False  # None: llama.cpp's auto (on where every device supports it)
+    # llama.cpp's op offload: large batches of CPU-resident weights are computed on a GPU (llama-cli's
+    # --no-op-offload turns it off); off, nothing placed on the CPU runs anywhere else.
+    op_offload: bool = True
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -229,6 +229,19 @@ def test_app_has_version_and_short_help():
         assert result.returncode == 0 and "Usage: " in result.stdout, result.stderr
 
 
+def test_help_reads_plainly_with_a_typer_without_type_descriptors():
+    """typer releases differ in what an option carries (an H200 image's typer had no `type_descriptor`):
+    the help then names click's type."""
+    import click
+
+    from smallfour.cli import _readable_metavars
+
+    options = [click.Option(["--ctx"], type=int), click.Option(["--out"], type=click.Path()),
+               click.Option(["--name"], type=str)]
+    assert not any(hasattr(o, "type_descriptor") for o in options)
+    assert [o.metavar for o in _readable_metavars(options)] == ["INTEGER", "PATH", "TEXT"]
+
+
 def test_flash_attention_defaults_agree():
     from typer.main import get_command
 

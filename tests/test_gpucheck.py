@@ -1,7 +1,7 @@
 """`smallfour doctor --check-gpu` on this CPU build: the refusal, and every comparison fed CPU-against-CPU runs.
 
 The GPU runs themselves need a GPU (bench/gpu_selfcheck.sh); here the same code compares a CPU
-reference (child process, GPUs hidden) with in-process CPU loads, where every check must hold
+reference (n_gpu_layers 0, op offload off) with other CPU loads, where every check must hold
 except the one that asks for weights on a GPU, and the comparisons must fail on planted errors.
 """
 
@@ -161,12 +161,34 @@ def test_a_step_whose_run_fails_is_a_failed_check_and_the_rest_still_run(demo_su
     checks = gpucheck.check_subject(Subject("demo", demo_subject.gguf, broken), [], log_dir=tmp_path / "logs")
     failed = {c.name: c.detail for c in checks if c.ok is False}
     # The two runs that read the projector fail, each in one line; what needs neither of them is still checked.
-    assert {"CPU reference (GPUs hidden): run", "everything on the GPU: run"} <= set(failed), failed
+    assert {"CPU reference: run", "everything on the GPU: run"} <= set(failed), failed
     assert all(detail.startswith("the run failed (exit 1): ") and "\n" not in detail
                for name, detail in failed.items() if name.endswith(": run"))
     passed = {c.name for c in checks if c.ok}
     assert {"--cpu-experts all: tensors on CPU", "flash attention on: logits", "flash attention on: greedy"} <= passed
     assert next(c for c in checks if c.name == "flash attention: auto").detail.startswith("auto: on")
     logs = {p.name for p in (tmp_path / "logs").iterdir()}
-    assert "demo--CPU-reference-GPUs-hidden.log" in logs and "demo--flash-attention-on.log" in logs
-    assert "Traceback" in (tmp_path / "logs" / "demo--CPU-reference-GPUs-hidden.log").read_text()
+    assert "demo--CPU-reference.log" in logs and "demo--flash-attention-on.log" in logs
+    assert "Traceback" in (tmp_path / "logs" / "demo--CPU-reference.log").read_text()
+
+
+def test_experts_moved_to_pinned_host_memory_count_as_on_the_cpu(demo_subject):
+    """With a GPU present llama.cpp puts a "CPU" override in the GPU's pinned host buffers (CUDA_Host; seen on an
+    H200): those are host memory; a tensor left on the GPU is not."""
+    from quant.gguf_io import read_header
+
+    experts = [t.name for t in read_header(demo_subject.gguf).tensors if "_exps." in t.name]
+    host = {"CUDA_Host": {"model": 2**30}, "CUDA0": {"model": 2**20}}
+    pinned = _run(np.zeros((1, 2)), buffers=host, overridden=dict.fromkeys(experts, "CUDA_Host"))
+    assert gpucheck.experts_check("m", "e", demo_subject.gguf, "all", pinned, ["CUDA0"]).ok is True
+    on_gpu = _run(np.zeros((1, 2)), buffers=host, overridden=dict.fromkeys(experts, "CUDA0"))
+    assert gpucheck.experts_check("m", "e", demo_subject.gguf, "all", on_gpu, ["CUDA0"]).ok is False
+
+
+def test_the_cpu_reference_must_hold_nothing_on_a_gpu():
+    cpu = _run(np.zeros((1, 2)), buffers={"CPU_Mapped": {"model": 2**20}, "CPU": {"KV": 2**10},
+                                          "CUDA0": {"compute": 2**20}})
+    assert gpucheck.cpu_only_check("m", "c", cpu, ["CUDA0"]).ok is True
+    leaked = _run(np.zeros((1, 2)), buffers={"CUDA0": {"model": 2**20, "compute": 2**20}})
+    check = gpucheck.cpu_only_check("m", "c", leaked, ["CUDA0"])
+    assert check.ok is False and "CUDA0 model 1.0 MiB" in check.detail

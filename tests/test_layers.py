@@ -135,3 +135,23 @@ def test_only_gguf_io_reads_gguf_headers():
                     isinstance(node, ast.alias) and node.name == "GGUFReader"):
                 offenders.append(f"{name}:{getattr(node, 'lineno', '?')}: gguf.GGUFReader")
     assert not offenders, "read GGUF headers with quant.gguf_io.read_header:\n" + "\n".join(offenders)
+
+
+def test_llama_cpp_loads_before_numpy():
+    """Any smallfour module, and the console script, load llama.cpp's shared library before numpy is imported:
+    the other order crashed every model load of a CUDA build on an H200 (smallfour/__init__.py says more)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "events = []\n"
+        "sys.addaudithook(lambda event, args: events.append((event, str(args[0]))) "
+        "if event in ('import', 'ctypes.dlopen') else None)\n"
+        "import smallfour.gpucheck\n"
+        "loaded = next(i for i, (e, name) in enumerate(events) if e == 'ctypes.dlopen' and 'libllama' in name)\n"
+        "numpy = next(i for i, (e, name) in enumerate(events) if e == 'import' and name == 'numpy')\n"
+        "print(loaded < numpy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip() == "True", done.stdout + done.stderr

@@ -64,11 +64,13 @@ def _readable_metavars(params: list) -> list:
             continue
         elif getattr(param, "is_flag", False):
             param.metavar = ""
-        else:
-            annotation = param.type_descriptor.annotation
+        elif (descriptor := getattr(param, "type_descriptor", None)) is not None:
+            annotation = descriptor.annotation
             if get_origin(annotation) is list:
                 annotation = get_args(annotation)[0]
             param.metavar = _TYPE_WORDS.get(annotation, "VALUE")
+        else:  # a typer without type descriptors: click's name for the type (TEXT, INTEGER, PATH, …)
+            param.metavar = (getattr(param.type, "name", "") or "value").upper()
     return params
 
 

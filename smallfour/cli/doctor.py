@@ -25,7 +25,7 @@ def doctor(
                                                                       "checked).")] = None,
     check_gpu: Annotated[bool, typer.Option("--check-gpu", help="Instead: run the GPU self-check (GPU against CPU "
                                                                 "logits, expert offload, planner bytes, vision, "
-                                                                "speed) on the demo model and a 400 MB fixture; "
+                                                                "speed) on the demo model and a 450 MB fixture; "
                                                                 "exit 0 only if every check holds.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="With --check-gpu: also write the "
                                                                           "results as JSON to FILE.")] = None,
