@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -198,6 +199,19 @@ def test_fit_with_importance_spends_where_importance_is_high(slots):
         from quant.fit import LADDER_IMATRIX
         order = [t.name for t in LADDER_IMATRIX]
         assert min(order.index(t) for t in hot_types) >= max(order.index(t) for t in cold_types), f"seed {seed}"
+
+
+def test_fit_keeps_embeddings_q6_k_unless_only_q4_k_fits(slots):
+    def embeddings_type(recipe):
+        embd = next(s for s in slots if s.role == "embeddings")
+        return recipe.choose(embd.name, embd.role, embd.layer, embd.shape, N_LAYERS).qtype
+
+    assert embeddings_type(fit_recipe(60 * 10**9, slots, N_LAYERS)) == T.Q6_K
+    with pytest.raises(SmallfourError) as refused:
+        fit_recipe(10**9, slots, N_LAYERS, written="1000MB")
+    smallest = float(re.search(r"gets is ([\d,.]+) MB", str(refused.value)).group(1).replace(",", "")) * 10**6
+    # 1 MB above the minimum (which has Q4_K embeddings); Q6_K ones would need ≈140 MB more.
+    assert embeddings_type(fit_recipe(int(smallest + 10**6), slots, N_LAYERS)) == T.Q4_K
 
 
 def test_fit_too_small_says_the_minimum(slots):
