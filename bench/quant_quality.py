@@ -220,6 +220,7 @@ def proxy_main() -> None:
 
     sys.path.append(str(REPO / "bench"))
     from convert.writer import convert_checkpoint
+    from quant.imatrix import read_imatrix
     from quality import text_chunks
     from smallfour.imatrix import collect_imatrix
     from smallfour.model import Model
@@ -236,11 +237,11 @@ def proxy_main() -> None:
     f32 = work / "f32.gguf"
     if not (args.reuse and f32.is_file()):
         convert_checkpoint(checkpoint, f32, "f32", mmproj=False, force=True)
-    imatrix, imatrix_chunks = work / "imatrix.gguf", None
+    imatrix = work / "imatrix.gguf"
     if not (args.reuse and imatrix.is_file()):
         done = collect_imatrix(f32, checkpoint / "calibration.txt", imatrix, n_ctx=args.ctx)
-        imatrix_chunks = done.chunks
         log(f"imatrix: {done.chunks} chunks of {done.chunk_size} tokens ({time.time() - start:.0f}s)")
+    imatrix_chunks = read_imatrix(imatrix).chunk_count
 
     rows: list[tuple[str, str, bool, Path]] = []  # (size class, variant, imatrix, GGUF)
 

@@ -145,7 +145,10 @@ def test_block_fallbacks_are_reported_on_narrow_rows(checkpoint, tmp_path):
     from conftest import HF
 
     report = convert_checkpoint(checkpoint(HF), tmp_path / "q4.gguf", "sf-q4", mmproj=False)
-    q5 = [line for line in report.fallbacks if line.startswith("Q4_K → Q5_0 for ")]
-    assert len(q5) == 1 and "token_embd.weight" in q5[0], report.fallbacks  # one line per type pair
+    q8 = [line for line in report.fallbacks if line.startswith("Q6_K → Q8_0 for ")]
+    q5 = [line for line in report.fallbacks if line.startswith("Q5_K → Q5_1 for ")]
+    assert len(q8) == 1 and "token_embd.weight" in q8[0], report.fallbacks  # one line per type pair
+    assert len(q5) == 1 and "blk.0.ffn_gate_up_exps.weight" in q5[0], report.fallbacks  # 2 layers: both edges
     types = {t.name: t.qtype for t in read_header(tmp_path / "q4.gguf").tensors}
-    assert types["token_embd.weight"] == T.Q5_0 and types["blk.0.ffn_gate_inp.weight"] == T.F32
+    assert types["token_embd.weight"] == T.Q8_0 and types["blk.0.ffn_gate_up_exps.weight"] == T.Q5_1
+    assert types["blk.0.ffn_gate_inp.weight"] == T.F32
