@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,12 @@ import pytest
 from conftest import REPO
 
 SMALLFOUR = [sys.executable, "-m", "smallfour"]
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child the test will Ctrl-C: a suite started in the background (`pytest … &` from a
+    script) ignores SIGINT, its children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

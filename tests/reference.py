@@ -12,6 +12,7 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -70,3 +71,23 @@ def reference_model(checkpoint: Path, scratch: Path) -> Mistral3ForConditionalGe
 def reference_logits(model: Mistral3ForConditionalGeneration, tokens: list[int]):
     with torch.no_grad():
         return model(input_ids=torch.tensor([tokens])).logits[0].numpy()
+
+
+def routing_margins(model: Mistral3ForConditionalGeneration, tokens: list[int]):
+    """Per position, the smallest gap over the MoE layers between the k-th and the (k+1)-th router score
+    (softmax probabilities, what the router ranks): where it is tiny, rounding alone can pick another expert."""
+    from transformers.models.mistral4.modeling_mistral4 import Mistral4TopkRouter
+
+    gaps = []
+
+    def record(router, _inputs, outputs):
+        top = outputs[0].softmax(-1).topk(router.top_k + 1, dim=-1).values
+        gaps.append((top[:, -2] - top[:, -1]).numpy())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, Mistral4TopkRouter)]
+    try:
+        reference_logits(model, tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return np.min(gaps, axis=0)

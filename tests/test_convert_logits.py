@@ -15,10 +15,15 @@ import numpy as np
 import pytest
 
 from conftest import DENSE_SHARED, FP8_BLOCK, FP8_EXPERT, FP8_TENSOR, HF, NATIVE, NATIVE_FP8, SHORT_ROPE
-from reference import reference_logits, reference_model
+from reference import reference_logits, reference_model, routing_margins
 from smallfour.model import Model
 
 F32_TOLERANCE = 1e-3
+# A router's k-th and (k+1)-th scores closer than this: f32 rounding alone may pick the other expert (seen once:
+# a gap of 5.1e-7 at one position, llama.cpp and transformers exact before it and 3.7 % apart from there on,
+# through attention; gaps of 5.9e-7 and 6.6e-6 elsewhere did not flip). The comparison stops at the first such
+# position of each sequence.
+ROUTING_TIE = 2e-6
 
 
 def fresh_tokens(n: int, count: int = 2) -> tuple[int, list[list[int]]]:
@@ -47,11 +52,19 @@ def hf_twin(spec):
 def test_f32_logits_match_transformers(spec, checkpoint, converted, tmp_path_factory):
     model = reference_model(checkpoint(hf_twin(spec)), tmp_path_factory.getbasetemp())
     seed, sequences = fresh_tokens(40)
+    compared = 0
     for tokens, got in zip(sequences, llama_logits(converted(spec, "f32"), sequences)):
         ref = reference_logits(model, tokens)
-        error = relative_error(got, ref)
-        assert error < F32_TOLERANCE, f"seed {seed}: relative error {error:.2e}"
-        assert (got.argmax(-1) == ref.argmax(-1)).all(), f"seed {seed}: argmax differs"
+        ties = np.flatnonzero(routing_margins(model, tokens) < ROUTING_TIE)
+        end = int(ties[0]) if len(ties) else len(tokens)
+        if end == 0:
+            continue
+        error = relative_error(got[:end], ref[:end])
+        assert error < F32_TOLERANCE, f"seed {seed}: relative error {error:.2e} (first {end} positions)"
+        assert (got[:end].argmax(-1) == ref[:end].argmax(-1)).all(), f"seed {seed}: argmax differs"
+        compared += end
+    # Gaps under 2e-6 are rare here: at least 16 of the 80 positions must remain.
+    assert compared >= 16, f"seed {seed}: routing ties left only {compared} positions to compare"
 
 
 def test_fp8_fixture_differs_from_bf16(checkpoint, tmp_path_factory):
