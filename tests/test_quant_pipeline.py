@@ -80,11 +80,13 @@ def test_presets_load_generate_and_order_by_error(quantized, converted):
         greedy = Sampling(temperature=0.0, max_tokens=6, logit_bias={2: -100.0})
         with llm:
             assert continue_tokens(llm, tokens[:8], ChatRequest([], sampling=greedy)).completion_tokens == 6, recipe
-    assert errors["sf-q6"] < errors["sf-q4"] < errors["sf-q2"], f"seed {seed}: {errors}"
-    # A random (untrained) network amplifies rounding through its layers; measured over seeds:
-    # sf-q6 ≈ 0.05, sf-q4 ≈ 0.17, sf-q2 ≈ 0.36; the same top token ≈ 90 % / 70 % / 40 % of positions.
-    assert errors["sf-q6"] < 0.12 and errors["sf-q4"] < 0.3 and errors["sf-q2"] < 0.6, f"seed {seed}: {errors}"
-    assert top1["sf-q6"] >= 0.7, f"seed {seed}: {top1}"
+    # A random (untrained) network amplifies rounding through its layers. Measured over 40 seeds (2026-11-28,
+    # embeddings Q6_K in sf-q4 and sf-q2 too): relative error mean / max sf-q6 0.060 / 0.133, sf-q4 0.068 / 0.137,
+    # sf-q2 0.160 / 0.189; the same top token at 86 / 85 / 69 % of positions (minimum 72 / 72 / 47 %). sf-q6 and
+    # sf-q4 now differ only in the experts, a small part of this model: their order flipped for 1 seed of 40.
+    assert max(errors["sf-q6"], errors["sf-q4"]) < errors["sf-q2"], f"seed {seed}: {errors}"
+    assert errors["sf-q6"] < 0.2 and errors["sf-q4"] < 0.2 and errors["sf-q2"] < 0.3, f"seed {seed}: {errors}"
+    assert top1["sf-q6"] >= 0.6, f"seed {seed}: {top1}"
 
 
 def test_imatrix_drives_each_experts_quantization(quantized, converted, tmp_path):
